@@ -1,0 +1,193 @@
+"""The local repository: where archives live.
+
+Layout under the root:
+
+    archives/<database>/<YYYYMMDD_HHMMSS>_<kind>_r<run>/   one archive: manifest.json + files
+    tmp/                                                    staging, same filesystem
+
+An archive is built in tmp/ and renamed into archives/ in one step after every file and the
+manifest are written and fsynced, so a directory under archives/ with a manifest.json is
+complete by construction; a run that dies leaves only a staging directory, which is removed
+by the run's own cleanup or by the next sweep.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .pgtools import BackupError
+
+CHUNK = 1 << 20
+
+
+class RepositoryError(BackupError):
+    pass
+
+
+class RepositoryFull(RepositoryError):
+    pass
+
+
+class RepositoryNotWritable(RepositoryError):
+    pass
+
+
+def os_error(exc: OSError, path: Path | str, doing: str) -> RepositoryError:
+    """Map an OSError while writing to the repository into words an operator can act on."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return RepositoryFull(
+            f"the repository disk is full (no space left on device) while {doing}; "
+            f"free space under {path} or enlarge the volume, then run the backup again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RepositoryNotWritable(
+            f"the repository is not writable by this worker while {doing}: {exc.strerror} "
+            f"({path}); fix the directory's owner/permissions or mount")
+    return RepositoryError(f"repository I/O error while {doing}: {exc.strerror or exc} ({path})")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HashingWriter:
+    """A file opened for writing that hashes every byte written and counts them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "xb")  # noqa: SIM115 - closed in close()
+        self._h = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        self._f.write(data)
+        self.bytes += len(data)
+        return len(data)
+
+    def flush(self):
+        self._f.flush()
+
+    def close(self) -> str:
+        """fsync and close; returns the sha256 hex digest."""
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        return self._h.hexdigest()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    @property
+    def sha256(self) -> str:
+        return self._h.hexdigest()
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+class LocalRepository:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def archive_dir(self, relpath: str) -> Path:
+        path = (self.root / relpath).resolve()
+        if not str(path).startswith(str(self.root.resolve()) + os.sep):
+            raise RepositoryError(f"archive path {relpath!r} lies outside the repository")
+        return path
+
+    def ensure(self) -> None:
+        """Create the layout; fail with a clear message when we cannot write."""
+        try:
+            for sub in ("archives", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            # A unique name: several runs in one process (threads) may probe at once.
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.tmp)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise os_error(exc, self.root, "preparing the repository") from None
+
+    @contextmanager
+    def staging(self, run_id: int) -> Iterator[Path]:
+        """A scratch directory for one run, removed unless it was committed."""
+        self.ensure()
+        path = self.tmp / f"run-{run_id}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise os_error(exc, self.tmp, "creating the staging directory") from None
+        try:
+            yield path
+        finally:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def commit(self, staging: Path, relpath: str) -> Path:
+        """Move a finished staging directory to its final place in one rename."""
+        final = self.archive_dir(relpath)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(staging)
+            if final.exists():
+                raise RepositoryError(f"archive directory {relpath} already exists; refusing to overwrite")
+            os.rename(staging, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            raise os_error(exc, final, "moving the archive into place") from None
+        return final
+
+    def sweep_staging(self, keep_run_ids: set[int] = frozenset(), older_than: float = 0) -> list[Path]:
+        """Remove staging directories of runs that are not alive any more."""
+        removed = []
+        if not self.tmp.is_dir():
+            return removed
+        now = time.time()
+        for entry in self.tmp.iterdir():
+            if not entry.name.startswith("run-"):
+                continue
+            try:
+                run_id = int(entry.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if run_id in keep_run_ids:
+                continue
+            if older_than and now - entry.stat().st_mtime < older_than:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        return removed
+
+    def disk_usage(self) -> shutil._ntuple_diskusage:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.root)
+
+
+def default_repository() -> LocalRepository:
+    from django.conf import settings
+
+    return LocalRepository(settings.BANKVAULT_REPOSITORY)
