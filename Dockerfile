@@ -18,14 +18,16 @@ ARG PG_SERVER_MAJOR=15
 
 # -- the compose file's database servers ---------------------------------------------------------------
 FROM postgres:${PG_SERVER_MAJOR}-bookworm AS postgres-wal
-# archive_command runs the push script with the system's python3 (standard library only) and zstd.
+# archive_command runs the push script with the system's python3 (standard library only) and zstd;
+# acl: the WAL area's default ACL lets bankvault's user read and expire what the server writes.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 zstd \
+ && apt-get install -y --no-install-recommends python3 zstd acl \
  && rm -rf /var/lib/apt/lists/*
 # Where `manage.py databases archive-command NAME` says the script is: <repository>/bin/. Only the
 # script and the server's own WAL area (a volume) of the repository are in this container.
 COPY --chmod=0755 backups/walpush.py /var/lib/bankvault/repository/bin/bankvault-walpush
 COPY --chmod=0755 deploy/postgres/entrypoint.sh /usr/local/bin/bankvault-entrypoint.sh
+COPY --chmod=0755 deploy/postgres/prepare-wal-area.sh /usr/local/bin/bankvault-prepare-wal-area.sh
 COPY --chmod=0755 deploy/postgres/initdb-bankvault.sh /docker-entrypoint-initdb.d/50-bankvault.sh
 ENTRYPOINT ["bankvault-entrypoint.sh"]
 CMD ["postgres"]
@@ -37,7 +39,8 @@ ARG PG_MAJORS="15"
 ARG PGDG=0
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     BANKVAULT_ENV=production BANKVAULT_REPOSITORY=/var/lib/bankvault/repository \
-    BANKVAULT_SCRATCH_DIR=/var/tmp/bankvault-scratch STATIC_ROOT=/app/staticfiles
+    BANKVAULT_SCRATCH_DIR=/var/tmp/bankvault-scratch BANKVAULT_GPG_HOME=/var/lib/bankvault/gnupg \
+    STATIC_ROOT=/app/staticfiles
 
 # The server packages bring initdb/pg_ctl/postgres for drills and PITR; no cluster is created.
 # /usr/bin/python3: what archive/restore commands name (BANKVAULT_WAL_PYTHON); here it is the image's.
@@ -61,9 +64,10 @@ COPY . .
 # collectstatic needs settings but no secrets and no database (throwaway values, this step only).
 RUN SECRET_KEY=build-only BANKVAULT_FIELD_KEYS=YnVpbGQtb25seS1rZXktMDAwMDAwMDAwMDAwMDAwMDA= \
     python manage.py collectstatic --noinput \
- && mkdir -p /var/lib/bankvault/repository/wal /var/tmp/bankvault-scratch \
+ && mkdir -p /var/lib/bankvault/repository/wal /var/tmp/bankvault-scratch /var/lib/bankvault/gnupg \
  && chown bankvault:bankvault /var/lib/bankvault/repository /var/lib/bankvault/repository/wal \
-        /var/tmp/bankvault-scratch
+        /var/tmp/bankvault-scratch /var/lib/bankvault/gnupg \
+ && chmod 0700 /var/lib/bankvault/gnupg
 
 USER 10001:10001
 EXPOSE 8000

@@ -7,11 +7,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the stack and the tests need (the PostgreSQL server provides the pg tools).
-DEB_PACKAGES := postgresql postgresql-contrib redis-server gnupg zstd chromium poppler-utils
+DEB_PACKAGES := postgresql postgresql-contrib redis-server gnupg zstd chromium poppler-utils acl
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup run test bench check clean-var
+.PHONY: setup run test bench check clean-var chaos
 
 setup: $(STAMP)
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -39,6 +39,10 @@ run: setup
 test: setup $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Soak and chaos (issue 8): kills workers, restarts services; about half an hour, never in `make test`.
+chaos: setup $(DEV_STAMP)
+	BANKVAULT_CHAOS=1 $(PY) -m pytest -p no:cacheprovider tests/chaos -v $(PYTEST_ARGS)
 
 bench: setup $(DEV_STAMP)
 	$(PY) bench/backup_bench.py $(BENCH_ARGS)
