@@ -16,6 +16,7 @@ from backups import offsite
 from backups.engine.cluster import LocalCluster, make_owned_dir
 from backups.engine.pgtools import BackupError
 from backups.engine.repository import default_repository
+from backups.liveness import Heartbeat
 from backups.models import Archive, BackupKind, BackupPolicy, Database, WalMode
 from recovery.engine import pitr, restore
 
@@ -35,13 +36,20 @@ def run_for_policy(policy_id: int) -> list[Drill]:
     return drills
 
 
+def _heartbeat(drill: Drill) -> Heartbeat:
+    """A running drill beats like a backup run: the watchdog tells a lost worker from a long
+    restore, and a drill that moves nothing for BANKVAULT_HUNG_SECONDS is stopped."""
+    return Heartbeat(Drill, drill.pk, alive_states=[Drill.State.RUNNING])
+
+
 def _finish(drill: Drill, error: str, started: float, tables: int = 0) -> Drill:
     drill.finished_at = timezone.now()
     drill.rto_seconds = round(time.monotonic() - started, 3)
     drill.state = Drill.State.FAILED if error else Drill.State.SUCCEEDED
     drill.error = error
     drill.tables_verified = tables
-    drill.save()
+    # Not heartbeat_at: the heartbeat thread owns it, and this copy of the row is stale.
+    drill.save(update_fields=["finished_at", "rto_seconds", "state", "error", "tables_verified", "archive"])
     audit.record("system:drill", f"drill.{drill.state}", drill, outcome="failure" if error else "success",
                  details={"database": drill.database.name, "kind": drill.kind, "archive": drill.archive_id,
                           "rto_seconds": drill.rto_seconds, "tables_verified": tables, "error": error})
@@ -60,37 +68,38 @@ def run_archive_drill(db: Database) -> Drill:
     started = time.monotonic()
     if archive is None:
         return _finish(drill, f"{db.name} has no complete archive to drill with", started)
-    cluster = located = None
-    try:
-        drill.report_progress(0, 0, "starting a throwaway cluster")
-        root = settings.BANKVAULT_SCRATCH_DIR
-        root.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o755)
-        cluster = LocalCluster.create(make_owned_dir(f"drill-{drill.pk}-", parent=str(root)), throwaway=True)
-        cluster.start()
-        # A Database row in memory only: the throwaway cluster trusts its superuser on loopback.
-        server = Database(name=f"drill-{drill.pk}", host="127.0.0.1", port=cluster.port, dbname="postgres",
-                          user=cluster.superuser)
-        # The local archive, or (missing or damaged) a verified fetch of its off-site copy.
-        located = offsite.open_readable(archive, actor="system:drill", purpose=f"drill {drill.pk}",
-                                        repo=default_repository())
-        source = restore.Source.open(located.directory, located.label)
-        drill.report_progress(0, 0, f"restoring archive {archive.pk}")
-        prepared = restore.restore_database(server, source, live_name=db.dbname, final_name=db.dbname,
-                                            replace=False, request_id=drill.pk, progress=drill.report_progress,
-                                            jobs=settings.BANKVAULT_RESTORE_JOBS)
-        result = restore.finish(prepared)
-        return _finish(drill, "", started, result["tables_verified"])
-    except BackupError as exc:
-        return _finish(drill, exc.message, started)
-    except Exception as exc:
-        log.exception("drill %s failed unexpectedly", drill.pk)
-        return _finish(drill, f"internal error: {exc.__class__.__name__}: {exc}", started)
-    finally:
-        if cluster is not None:
-            cluster.destroy()
-        if located is not None:
-            located.cleanup()
+    with _heartbeat(drill) as heartbeat:
+        cluster = located = None
+        try:
+            drill.report_progress(0, 0, "starting a throwaway cluster")
+            root = settings.BANKVAULT_SCRATCH_DIR
+            root.mkdir(parents=True, exist_ok=True)
+            root.chmod(0o755)
+            cluster = LocalCluster.create(make_owned_dir(f"drill-{drill.pk}-", parent=str(root)), throwaway=True)
+            cluster.start()
+            # A Database row in memory only: the throwaway cluster trusts its superuser on loopback.
+            server = Database(name=f"drill-{drill.pk}", host="127.0.0.1", port=cluster.port, dbname="postgres",
+                              user=cluster.superuser)
+            # The local archive, or (missing or damaged) a verified fetch of its off-site copy.
+            located = offsite.open_readable(archive, actor="system:drill", purpose=f"drill {drill.pk}",
+                                            repo=default_repository())
+            source = restore.Source.open(located.directory, located.label)
+            drill.report_progress(0, 0, f"restoring archive {archive.pk}")
+            prepared = restore.restore_database(server, source, live_name=db.dbname, final_name=db.dbname,
+                                                replace=False, request_id=drill.pk, progress=drill.report_progress,
+                                                jobs=settings.BANKVAULT_RESTORE_JOBS)
+            result = restore.finish(prepared)
+            return _finish(drill, "", started, result["tables_verified"])
+        except BackupError as exc:
+            return _finish(drill, heartbeat.reason if heartbeat.hung else exc.message, started)
+        except Exception as exc:
+            log.exception("drill %s failed unexpectedly", drill.pk)
+            return _finish(drill, f"internal error: {exc.__class__.__name__}: {exc}", started)
+        finally:
+            if cluster is not None:
+                cluster.destroy()
+            if located is not None:
+                located.cleanup()
 
 
 def run_pitr_drill(db: Database) -> Drill:
@@ -98,32 +107,33 @@ def run_pitr_drill(db: Database) -> Drill:
     recovered cluster answers with the database in it."""
     drill = Drill.objects.create(database=db, kind=Drill.Kind.PITR)
     started = time.monotonic()
-    recovered = None
-    try:
-        # PITR reports steps, not bytes: unpack, replay, then the check below.
-        steps = {"n": 0}
+    with _heartbeat(drill) as heartbeat:
+        recovered = None
+        try:
+            # PITR reports steps, not bytes: unpack, replay, then the check below.
+            steps = {"n": 0}
 
-        def step(item: str) -> None:
-            steps["n"] += 1
-            drill.report_progress(steps["n"], 4, item)
+            def step(item: str) -> None:
+                steps["n"] += 1
+                drill.report_progress(steps["n"], 4, item)
 
-        drill.report_progress(0, 4, "recovering base backup and WAL")
-        recovered = pitr.recover(db, None, progress=step)
-        drill.archive = recovered.base
-        drill.report_progress(3, 4, "counting the recovered tables")
-        with recovered.cluster.connect(db.dbname) as conn:
-            tables = conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                  "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-                                  ).fetchone()[0]
-        return _finish(drill, "", started, tables)
-    except BackupError as exc:
-        return _finish(drill, exc.message, started)
-    except Exception as exc:
-        log.exception("drill %s failed unexpectedly", drill.pk)
-        return _finish(drill, f"internal error: {exc.__class__.__name__}: {exc}", started)
-    finally:
-        if recovered is not None:
-            recovered.destroy()
+            drill.report_progress(0, 4, "recovering base backup and WAL")
+            recovered = pitr.recover(db, None, progress=step)
+            drill.archive = recovered.base
+            drill.report_progress(3, 4, "counting the recovered tables")
+            with recovered.cluster.connect(db.dbname) as conn:
+                tables = conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                      "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+                                      ).fetchone()[0]
+            return _finish(drill, "", started, tables)
+        except BackupError as exc:
+            return _finish(drill, heartbeat.reason if heartbeat.hung else exc.message, started)
+        except Exception as exc:
+            log.exception("drill %s failed unexpectedly", drill.pk)
+            return _finish(drill, f"internal error: {exc.__class__.__name__}: {exc}", started)
+        finally:
+            if recovered is not None:
+                recovered.destroy()
 
 
 def decrypt_canary() -> list[health.Result]:

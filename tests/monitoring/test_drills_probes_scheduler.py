@@ -164,3 +164,45 @@ def test_policy_drill_flag_owns_a_beat_entry(target_db_row):
     policy.drill = False
     policy.save()
     assert not PeriodicTask.objects.filter(name=f"drill-policy-{policy.pk}").exists()
+
+
+@pytest.mark.pg
+@pytest.mark.django_db(transaction=True)
+def test_a_long_drill_beats_so_the_watchdog_does_not_call_its_worker_lost(make_target_db, repo, settings):
+    """With a 1 s "worker lost" limit and a 0.2 s heartbeat, a drill that takes longer than 1 s
+    must survive a watchdog sweeping all the while (it used to be failed as lost: no heartbeat)."""
+    import threading
+
+    from monitoring import watchdog
+    from tests.conftest import FIXTURE_SQL
+
+    settings.BANKVAULT_HEARTBEAT_SECONDS = 0.2
+    settings.BANKVAULT_WORKER_LOST_SECONDS = 1
+    # Enough rows that the restore outlasts the limit several times over.
+    target_db = make_target_db(sql=FIXTURE_SQL + "CREATE TABLE bulk AS SELECT g, md5(g::text) AS h, "
+                                                 "repeat(md5(g::text), 4) AS pad FROM generate_series(1, 400000) g;"
+                                                 "ALTER TABLE bulk ADD PRIMARY KEY (g);")
+    runner.execute(BackupRun.enqueue(target_db, trigger="manual", actor_label="test").pk)
+    stop, swept = threading.Event(), []
+
+    def sweeping():
+        from django.db import connection
+
+        try:
+            while not stop.wait(0.3):
+                swept.append(watchdog.sweep()["lost_drills"])
+        finally:
+            connection.close()
+
+    sweeper = threading.Thread(target=sweeping)
+    sweeper.start()
+    try:
+        drill = drills.run_archive_drill(target_db)
+    finally:
+        stop.set()
+        sweeper.join()
+    assert drill.rto_seconds > settings.BANKVAULT_WORKER_LOST_SECONDS, "the drill was too quick to prove anything"
+    assert drill.state == Drill.State.SUCCEEDED, drill.error
+    assert len(swept) > 3 and not any(swept)
+    drill.refresh_from_db()
+    assert drill.state == Drill.State.SUCCEEDED and drill.heartbeat_at > drill.started_at
