@@ -27,19 +27,8 @@ from .engine import pgtools
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_moved = 0
-_moved_lock = threading.Lock()
-
-
-def moved(n: int) -> None:
-    """Count bytes a job's stream moved (called from copy loops; cheap)."""
-    global _moved
-    with _moved_lock:
-        _moved += n
-
-
-def moved_total() -> int:
-    return _moved
+# The byte counter lives with the pg tools (the engine's copy loops call pgtools.moved()).
+moved, moved_total = pgtools.moved, pgtools.moved_total
 
 
 class Heartbeat:
@@ -48,8 +37,11 @@ class Heartbeat:
 
     def __init__(self, model, pk: int, *, alive_states, watch_states=None,
                  progress_fields=("progress_done", "progress_item"), interval: float | None = None,
-                 hung_after: float | None = None):
+                 hung_after: float | None = None, busy: Callable[[], bool] | None = None):
         self.model, self.pk = model, pk
+        # Asked only when nothing moved for hung_after: True if the job's server is still working
+        # for it where no byte shows (an index build during a restore), so it is not hung.
+        self.busy = busy
         self.alive_states = list(alive_states)
         self.watch_states = list(watch_states if watch_states is not None else alive_states)
         self.progress_fields = list(progress_fields)
@@ -83,6 +75,16 @@ class Heartbeat:
         qs.filter(state__in=self.alive_states).update(heartbeat_at=timezone.now())
         return qs.values("state", *self.progress_fields).first()
 
+    def _server_busy(self) -> bool:
+        if self.busy is None:
+            return False
+        try:
+            return bool(self.busy())
+        except Exception as exc:  # a probe that cannot tell does not keep a hung job alive
+            log.warning("%s %s: could not ask its server whether it is still working: %s",
+                        self.model.__name__, self.pk, exc)
+            return False
+
     def _loop(self):
         last_seen = None
         last_move = time.monotonic()
@@ -102,6 +104,9 @@ class Heartbeat:
                 if seen != last_seen or row["state"] not in self.watch_states or not self.watching:
                     last_seen, last_move = seen, now
                 elif now - last_move >= self.hung_after and not self.hung:
+                    if self._server_busy():
+                        last_move = now
+                        continue
                     self.hung = True
                     log.error("%s %s: %s", self.model.__name__, self.pk, self.reason)
                     pgtools.kill_active()

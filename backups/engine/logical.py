@@ -39,7 +39,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import compress, gpg, manifest, pgbin
-from .pgtools import BackupError, ConnInfo, ToolFailed, ToolTimeout, classify, kill, scrub, spawn
+from .pgtools import BackupError, ConnInfo, ToolFailed, ToolTimeout, classify, kill, moved, scrub, spawn
 from .repository import CHUNK, HashingWriter, LocalRepository, RepositoryError, os_error, sha256_file
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,7 @@ class Feeder(threading.Thread):
                     self.sink.write(chunk)
                 except (BrokenPipeError, ValueError, OSError):
                     break
+                moved(len(chunk))
         finally:
             with contextlib.suppress(OSError):
                 self.sink.close()

@@ -42,7 +42,7 @@ from .logical import (
     stream_to_file,
     verify_files,
 )
-from .pgtools import BackupError, ConnInfo, kill, spawn
+from .pgtools import BackupError, ConnInfo, kill, moved, spawn
 from .repository import CHUNK, sha256_file
 
 _PROGRESS = re.compile(r"(\d+)/(\d+) kB")
@@ -291,6 +291,7 @@ def extract(archive_dir: Path, man: dict, datadir: Path, os_user: str | None) ->
             try:
                 while chunk := src.read(CHUNK):
                     proc.stdin.write(chunk)
+                    moved(len(chunk))
             except BrokenPipeError:
                 pass  # tar stops at the end-of-archive blocks
             if hasattr(src, "finish"):

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .pgtools import BackupError
+from .pgtools import BackupError, moved
 
 CHUNK = 1 << 20
 
@@ -74,6 +74,7 @@ class HashingWriter:
         self._h.update(data)
         self._f.write(data)
         self.bytes += len(data)
+        moved(len(data))
         return len(data)
 
     def flush(self):

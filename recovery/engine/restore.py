@@ -37,7 +37,7 @@ from psycopg import sql
 
 from backups.engine import gpg, manifest, pgbin
 from backups.engine.logical import Feeder, count_rows, open_entry, verify_files
-from backups.engine.pgtools import BackupError, ConnInfo, classify, kill, scrub, spawn
+from backups.engine.pgtools import BackupError, ConnInfo, classify, kill, moved, scrub, spawn
 from backups.engine.repository import CHUNK
 from backups.models import Database
 
@@ -176,6 +176,7 @@ def _read_toc(source: Source, scratch: Path, target_version: int, jobs: int) -> 
         with work.stream() as src, open(work.dump, "wb") as out:
             while chunk := src.read(CHUNK):
                 out.write(chunk)
+                moved(len(chunk))
             if hasattr(src, "finish"):
                 src.finish()  # an encrypted dump counts only with gpg's integrity verdict
     listing = _pg_restore_output(work, ["--create", "--list"])

@@ -50,7 +50,8 @@ def execute(request_id: int, worker: str | None = None) -> dict | None:
             return None
         progress = req.report_progress
         try:
-            with Heartbeat(RestoreRequest, req.pk, alive_states=[RestoreRequest.State.RUNNING]) as heartbeat, \
+            with Heartbeat(RestoreRequest, req.pk, alive_states=[RestoreRequest.State.RUNNING],
+                           busy=lambda: _server_working(req)) as heartbeat, \
                     contextlib.ExitStack() as held:
                 heartbeat.watching = False  # waiting for a backup to finish is not hanging
                 for db in _databases_replaced(req):
@@ -85,6 +86,25 @@ def _claim(req: RestoreRequest, worker: str | None) -> bool:
         log.warning("restore request %s (%s) not run: %s", req.pk, req.state, exc)
         return False
     return True
+
+
+def _server_working(req: RestoreRequest) -> bool:
+    """Whether a target server of the request still runs a statement of its restore (pg_restore
+    building an index moves no bytes for as long as the build takes)."""
+    servers = {}
+    for item in req.items or [{"database": req.database_id}]:
+        db = Database.objects.filter(pk=item.get("database") or req.database_id).first()
+        if db is not None:
+            server = req.target_server or db
+            servers[server.pk] = server
+    for server in servers.values():
+        with server.restore_conninfo("postgres").connect(autocommit=True) as conn:
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' "
+                            "AND application_name IN ('pg_restore', 'psql', 'bankvault') "
+                            "AND datname LIKE %s AND pid <> pg_backend_pid())",
+                            [f"%\\_\\_restore\\_{req.pk}"]).fetchone()[0]:
+                return True
+    return False
 
 
 def _databases_replaced(req: RestoreRequest) -> list[Database]:

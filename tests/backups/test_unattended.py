@@ -271,6 +271,59 @@ def test_a_restore_whose_worker_died_fails_and_its_work_database_is_dropped(pers
     assert f"inspect__restore_{req.pk}" not in names and target_db.dbname in names
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_silent_job_whose_server_is_still_working_is_not_hung(auth):
+    run = BackupRun.objects.create(database=auth, trigger="manual", state="running", started_at=timezone.now())
+    asked = []
+
+    def busy():
+        asked.append(1)
+        return len(asked) < 4  # the server works for a while (an index build), then stops
+
+    proc, _ = pgtools.spawn(["sleep", "30"], env={})
+    with Heartbeat(BackupRun, run.pk, alive_states=BackupRun.ACTIVE_STATES, interval=0.1, hung_after=0.3,
+                   busy=busy) as hb:
+        proc.wait(timeout=10)
+    assert hb.hung and len(asked) == 4 and proc.returncode != 0
+
+    def broken():
+        raise OSError("server unreachable")
+
+    proc, _ = pgtools.spawn(["sleep", "30"], env={})
+    with Heartbeat(BackupRun, run.pk, alive_states=BackupRun.ACTIVE_STATES, interval=0.1, hung_after=0.3,
+                   busy=broken) as hb:
+        proc.wait(timeout=10)
+    assert hb.hung, "a probe that cannot tell must not keep a hung job alive"
+
+
+@pytest.mark.django_db
+def test_a_restore_counts_as_working_while_its_work_database_runs_a_statement(personas, target_db,
+                                                                               target_cluster, monkeypatch):
+    from recovery import services
+    from recovery.engine.runner import _server_working
+    from tests.recovery.test_bypass import make_archive
+
+    monkeypatch.setattr("recovery.models._dispatch", lambda pk: None)
+    archive = make_archive("other")
+    archive.database = target_db
+    archive.save()
+    req = services.file_request(personas["operator"], kind="archive", mode="copy", new_name="inspect",
+                                archive=archive, reason="test")
+    work = f"inspect__restore_{req.pk}"
+    target_cluster.sql(f'CREATE DATABASE "{work}"')
+    try:
+        assert not _server_working(req)
+        sleeper = threading.Thread(target=lambda: target_cluster.sql(
+            "SET application_name = 'pg_restore'; SELECT pg_sleep(3)", dbname=work))
+        sleeper.start()
+        time.sleep(0.8)
+        assert _server_working(req)
+        sleeper.join()
+        assert not _server_working(req)
+    finally:
+        target_cluster.sql(f'DROP DATABASE IF EXISTS "{work}" WITH (FORCE)')
+
+
 def test_tools_started_elsewhere_can_be_stopped_too():
     proc = pgtools.track(subprocess.Popen(["sleep", "30"]))
     assert pgtools.kill_active() >= 1
