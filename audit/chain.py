@@ -49,12 +49,18 @@ def append(**values):
     if needed); the advisory lock is held until that transaction ends."""
     from .models import AuditEvent
 
-    with transaction.atomic():
-        with connection.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [LOCK_KEY])
-            now = cur.fetchone()[1]
-            cur.execute("SELECT sequence, hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1")
-            head = cur.fetchone()
+    # No savepoint when nested: an event that cannot be written fails the caller's whole
+    # transaction anyway (a change without its audit event must not commit).
+    with transaction.atomic(savepoint=False):
+        connection.ensure_connection()
+        pg = connection.connection
+        # One round trip for BEGIN, the lock and the head: pipelined statements still run one
+        # after the other, and the head query takes its snapshot only once the lock is held
+        # (READ COMMITTED), so it sees the event the previous holder committed.
+        with pg.pipeline():
+            locked = pg.execute("SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [LOCK_KEY])
+            top = pg.execute("SELECT sequence, hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1")
+        now, head = locked.fetchone()[1], top.fetchone()
         sequence, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
         values = {**values, "sequence": sequence, "created_at": now, "details": normalize(values.get("details"))}
         event = AuditEvent(**{k: v for k, v in values.items() if k != "actor_id"},
