@@ -8,7 +8,7 @@ from datetime import UTC, datetime, time, timedelta
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connections, models, transaction
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
@@ -590,9 +590,13 @@ class BackupRun(models.Model):
                          details={"database": self.database.name, "error": error})
 
     def report_progress(self, done: int, total: int, item: str = "") -> None:
-        """Progress is not a state change: a plain UPDATE, no audit event."""
-        BackupRun.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
-            progress_done=done, progress_total=total, progress_item=item[:255])
+        """Progress is not a state change: a plain UPDATE, no audit event. While the portal's
+        database restarts, a report is skipped (the next one reconnects): the job goes on."""
+        try:
+            BackupRun.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
+                progress_done=done, progress_total=total, progress_item=item[:255])
+        except (OperationalError, InterfaceError):
+            connections["default"].close()
 
 
 class Archive(models.Model):

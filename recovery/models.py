@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.validators import RegexValidator
-from django.db import models, transaction
+from django.db import InterfaceError, OperationalError, connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -336,8 +336,12 @@ class RestoreRequest(models.Model):
                          details={"error": error, **(result or {})})
 
     def report_progress(self, done: int, total: int, item: str = "") -> None:
-        RestoreRequest.objects.filter(pk=self.pk, state=self.State.RUNNING).update(
-            progress_done=done, progress_total=total, progress_item=item[:255])
+        """Best effort: while the portal's database restarts, a report is skipped, not the restore."""
+        try:
+            RestoreRequest.objects.filter(pk=self.pk, state=self.State.RUNNING).update(
+                progress_done=done, progress_total=total, progress_item=item[:255])
+        except (OperationalError, InterfaceError):
+            connections["default"].close()
 
 
 def _dispatch(pk: int) -> None:

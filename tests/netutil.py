@@ -25,7 +25,11 @@ class SlowLink:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is down (a restart): refuse this client, keep serving
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, server, self.rate if self.both_ways else None),
                              daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, self.rate), daemon=True).start()

@@ -421,7 +421,10 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
                 dump = run_to_file(argv, env, conn, dump_path, opts, tool="pg_dump",
                                    progress=progress, total=est_total, on_stderr_line=on_line, tees=derived)
             except BaseException:
-                pg.cancel_safe()
+                # The server may be gone (restarted, down): nothing left to cancel, and the dump's
+                # own error is the one to report, not the cancellation's.
+                with contextlib.suppress(psycopg.Error):
+                    pg.cancel_safe()
                 for d in derived:
                     d.abort()
                 raise

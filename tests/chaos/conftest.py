@@ -153,9 +153,12 @@ def stack(transactional_db, repo, portal_env, tmp_path, settings):
     for key, value in CHAOS_ENV.items():
         setattr(settings, key, float(value) if "." in value else int(value))
     every, _ = IntervalSchedule.objects.get_or_create(every=3, period="seconds")
-    PeriodicTask.objects.create(name="bankvault: watchdog", task="monitoring.tasks.watchdog", interval=every,
-                                expire_seconds=3)
-    procs = Procs({**portal_env, **CHAOS_ENV}, tmp_path)
+    # The migration's own entry exists until the first transactional test flushes it.
+    PeriodicTask.objects.update_or_create(name="bankvault: watchdog", defaults={
+        "task": "monitoring.tasks.watchdog", "interval": every, "crontab": None, "expire_seconds": 3,
+        "enabled": True})
+    scratch = {"BANKVAULT_SCRATCH_DIR": str(settings.BANKVAULT_SCRATCH_DIR)}
+    procs = Procs({**portal_env, **CHAOS_ENV, **scratch}, tmp_path)
     yield procs
     procs.stop_all()
 
