@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from django.conf import settings
 from django.db import connection
 
 from .engine.pgtools import BackupError
+
+log = logging.getLogger(__name__)
 
 LOCK_CLASS = 0x62766462  # "bvdb": advisory locks of bankvault's per-database jobs
 
@@ -61,6 +65,7 @@ def database_lock(db, purpose: str, *, wait: float = 0) -> Iterator[None]:
     params["application_name"] = f"bankvault: {purpose}"[:63]
     params["autocommit"] = True
     conn = psycopg.connect(**params)
+    keeper = None
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -71,9 +76,73 @@ def database_lock(db, purpose: str, *, wait: float = 0) -> Iterator[None]:
                 raise Busy(f"{db.name} is busy: {who} holds it" +
                            (f"; waited {wait:.0f} s" if wait else "") + ". Nothing was started.")
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        keeper = _Keeper(conn, params, db, purpose)
         yield
     finally:
+        if keeper is not None:
+            keeper.stop()
+            conn = keeper.conn
+            # Released before the session ends: a backend exits after close() returns, so the
+            # next job could otherwise still find the database held for a moment.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, db.pk])
         conn.close()  # ends the session, and with it the lock
+
+
+class _Keeper(threading.Thread):
+    """Watches the lock's connection. A restart of the portal's database ends the session and
+    with it the lock while the job goes on; the keeper reconnects and takes the lock again
+    (within one BANKVAULT_HEARTBEAT_SECONDS of the database's return, before most new jobs
+    could have claimed anything), and says so loudly if another job got there first."""
+
+    def __init__(self, conn, params: dict, db, purpose: str):
+        super().__init__(name=f"lock-keeper-{db.pk}", daemon=True)
+        self.conn, self.params, self.db, self.purpose = conn, params, db, purpose
+        self.interval = max(0.05, float(settings.BANKVAULT_HEARTBEAT_SECONDS))
+        self.lost_to: str | None = None
+        self.retaken = 0
+        self._halt = threading.Event()
+        self.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=self.interval + 10)
+
+    def _alive(self) -> bool:
+        try:
+            self.conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            if self.lost_to is not None or self._alive():
+                continue
+            log.warning("%s: the lock on %s went with the portal database's connection; taking it again",
+                        self.purpose, self.db.name)
+            while not self._halt.is_set():
+                try:
+                    conn = psycopg.connect(**self.params)
+                    break
+                except psycopg.Error:
+                    self._halt.wait(min(self.interval, 1.0))
+            else:
+                return
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = conn
+            try:
+                ok = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, self.db.pk]).fetchone()[0]
+            except psycopg.Error:
+                continue  # gone again: try on the next tick
+            if ok:
+                self.retaken += 1
+                log.warning("%s: holds the lock on %s again", self.purpose, self.db.name)
+            else:
+                self.lost_to = "another job"
+                log.error("%s: while the portal's database restarted, another job took the lock on %s; "
+                          "both run now", self.purpose, self.db.name)
 
 
 def _slot_dir() -> Path:

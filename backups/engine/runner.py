@@ -88,7 +88,7 @@ def _backup(run: BackupRun, repo: LocalRepository) -> Archive:
         relpath = f"archives/{db.name}/{started:%Y%m%d_%H%M%S}_{run.kind}_r{run.pk}"
         final = repo.commit(stage, relpath)
     try:
-        return catalog(run, produced, relpath)
+        return _catalog_retrying(run, produced, relpath)
     except Exception:
         # The archive on disk is complete and self-describing; a catalog failure must not
         # delete it (a rescan can pick it up), but the run reports the failure.
@@ -113,7 +113,7 @@ def _base_backup(run: BackupRun, repo: LocalRepository) -> Archive:
         started = datetime.fromisoformat(produced.manifest["started_at"])
         relpath = f"archives/{db.name}/{started:%Y%m%d_%H%M%S}_{run.kind}_r{run.pk}"
         repo.commit(stage, relpath)
-    archive = catalog(run, produced, relpath, state=Archive.State.WAITING_FOR_WAL)
+    archive = _catalog_retrying(run, produced, relpath, state=Archive.State.WAITING_FOR_WAL)
     segments = produced.manifest["wal"]["segments"]
     run.wait_for_wal()
     area = wal.area_path(db, repo)
@@ -141,6 +141,17 @@ def _base_backup(run: BackupRun, repo: LocalRepository) -> Archive:
     archive.mark_wal_state(Archive.State.COMPLETE, run.actor)
     Archive.objects.filter(pk=archive.pk).update(verified_at=timezone.now())
     return archive
+
+
+def _catalog_retrying(run: BackupRun, produced: logical.Produced, relpath: str,
+                      state: str = Archive.State.COMPLETE) -> Archive:
+    """catalog(), again while the portal's database restarts. The rows go in one transaction,
+    so a retry starts clean — unless the commit went through and only its answer was lost,
+    which the lookup first finds."""
+    def once() -> Archive:
+        return Archive.objects.filter(run=run, path=relpath).first() or catalog(run, produced, relpath, state)
+
+    return db_retry(once, what=f"run {run.pk}: catalog")
 
 
 def catalog(run: BackupRun, produced: logical.Produced, relpath: str, state: str = Archive.State.COMPLETE) -> Archive:

@@ -17,7 +17,7 @@ from audit.models import AuditEvent
 from backups import locks
 from backups.engine import pgtools
 from backups.liveness import Heartbeat, db_retry, moved
-from backups.models import BackupPolicy, BackupRun, Database, previous_slot, slot_key
+from backups.models import Archive, BackupPolicy, BackupRun, Database, previous_slot, slot_key
 from monitoring import watchdog
 from monitoring.models import CheckState
 
@@ -127,6 +127,34 @@ def test_a_database_is_held_by_one_job_and_released_when_its_holder_dies(auth):
     t.join()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_lock_lost_with_the_portal_databases_connection_is_taken_again(auth, settings):
+    """A restart of the portal's database ends the lock's session while the job goes on: the job
+    takes its lock again, so a second job still finds the database busy."""
+    settings.BANKVAULT_HEARTBEAT_SECONDS = 0.2
+
+    def holders() -> list[int]:
+        with connection.cursor() as cur:
+            cur.execute("SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted "
+                        "AND a.application_name = 'bankvault: backup run 21'", [locks.LOCK_CLASS, auth.pk])
+            return [row[0] for row in cur.fetchall()]
+
+    with locks.database_lock(auth, "backup run 21"):
+        [first] = holders()
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", [first])
+        deadline = time.monotonic() + 10
+        while holders() in ([], [first]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(holders()) == 1 and holders() != [first], "the job did not take its lock again"
+        with pytest.raises(locks.Busy, match="backup run 21"), locks.database_lock(auth, "backup run 22"):
+            pass
+    assert holders() == []
+    with locks.database_lock(auth, "backup run 22"):
+        pass
+
+
 def test_jobs_per_host_are_limited(settings, tmp_path):
     settings.BANKVAULT_SCRATCH_DIR = tmp_path
     settings.BANKVAULT_HOST_JOBS = 1
@@ -174,6 +202,32 @@ def test_a_state_change_waits_for_the_portal_database_to_come_back(settings):
     assert db_retry(flaky, what="test", seconds=10) == "done" and len(calls) == 3
     with pytest.raises(OperationalError):
         db_retry(lambda: (_ for _ in ()).throw(OperationalError("down")), what="test", seconds=0.2)
+
+
+@pytest.mark.pg
+@pytest.mark.django_db(transaction=True)
+def test_cataloging_waits_for_the_portal_database_and_never_catalogs_twice(target_db, repo, monkeypatch):
+    """The portal's database restarts while a finished archive is cataloged: once before the
+    rows commit, once after the commit but before its answer arrives. One archive either way."""
+    from backups.engine import runner
+
+    real, calls = runner.catalog, []
+
+    def restarting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("terminating connection due to administrator command")
+        archive = real(*args, **kwargs)
+        if len(calls) == 2:
+            raise OperationalError("server closed the connection unexpectedly")  # committed, answer lost
+        return archive
+
+    monkeypatch.setattr(runner, "catalog", restarting)
+    run = BackupRun.enqueue(target_db, trigger="manual", actor_label="test")
+    archive = runner.execute(run.pk)
+    run.refresh_from_db()
+    assert run.state == "succeeded" and len(calls) == 2
+    assert list(Archive.objects.filter(run=run).values_list("pk", flat=True)) == [archive.pk]
 
 
 # -- the watchdog --------------------------------------------------------------------------------
