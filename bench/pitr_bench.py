@@ -337,6 +337,18 @@ def recoveries(db, target, tarball: Path, plain: Path, scratch: Path, repeat: in
 
 
 # -- 2. WAL push throughput ---------------------------------------------------------------------
+def wait_for_compaction(dest: Path, timeout: float = 120) -> None:
+    """bankvault-walpush compresses in a detached process after the archiver has its answer:
+    wait until it is done (off the clock), so the size is the stored size and nothing is
+    still being written when the directory is removed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = [p.name for p in dest.rglob("*") if p.is_file()]
+        if not any(n.startswith(".tmp-") or (n.startswith("0") and not n.endswith(".zst")) for n in names):
+            return
+        time.sleep(0.2)
+
+
 def push_rounds(segments: list[Path], script: Path, scratch: Path, repeat: int, samples: dict) -> None:
     """Each segment archived by its own process, one after another, as the postgres user and
     through `sh -c`, which is how the archiver runs archive_command."""
@@ -360,13 +372,22 @@ def push_rounds(segments: list[Path], script: Path, scratch: Path, repeat: int, 
             sh(as_user_argv(["sh", str(loop)], OS_USER), dict(os.environ))
             seconds = time.perf_counter() - t0
             os.sync()  # cp leaves its copies dirty: write them now, off the clock of the next round
-            stored = [p for p in dest.rglob("0*") if p.is_file()]
+            if key == "2c":
+                wait_for_compaction(dest)
+            # Distinct segments: while the detached compactor works, a segment is briefly there
+            # both plain and as .zst (same name and sha256), which is by design.
+            # The size counts the smaller copy of each.
+            stored: dict[str, int] = {}
+            for p in dest.rglob("0*"):
+                if p.is_file():
+                    segment, size = p.name.split("-")[0], p.stat().st_size
+                    stored[segment] = min(size, stored.get(segment, size))
             if len(stored) != len(segments):
                 raise SystemExit(f"{VARIANTS[key]}: {len(stored)} of {len(segments)} segments stored in {dest}")
-            size = sum(p.stat().st_size for p in stored)
+            size = sum(stored.values())
             record(samples, key, rep, repeat, seconds, size, segments_per_s=round(len(segments) / seconds, 2),
                    original_bytes=original)
-            shutil.rmtree(dest)
+            shutil.rmtree(dest, ignore_errors=True)
 
 
 # -- 4. streaming -----------------------------------------------------------------------------------
