@@ -49,6 +49,10 @@ def append(**values):
     if needed); the advisory lock is held until that transaction ends."""
     from .models import AuditEvent
 
+    # Everything that does not depend on the head is done before the lock is taken: the lock
+    # serializes every writer, so only what must happen under it counts against throughput.
+    values = {**values, "details": normalize(values.get("details"))}
+    fields, insert_sql = _insert_statement()
     # No savepoint when nested: an event that cannot be written fails the caller's whole
     # transaction anyway (a change without its audit event must not commit).
     with transaction.atomic(savepoint=False):
@@ -62,26 +66,32 @@ def append(**values):
             top = pg.execute("SELECT sequence, hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1")
         now, head = locked.fetchone()[1], top.fetchone()
         sequence, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-        values = {**values, "sequence": sequence, "created_at": now, "details": normalize(values.get("details"))}
+        values.update(sequence=sequence, created_at=now)
         event = AuditEvent(**{k: v for k, v in values.items() if k != "actor_id"},
                            actor_id=values.get("actor_id"), prev_hash=prev, hash=link(prev, values))
         # One plain INSERT while the lock is held: the lock serializes every writer, so each
         # statement saved here is throughput (Model.save() would add signals and a pk query).
-        fields = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
         with connection.cursor() as cur:
-            cur.execute(_insert_sql(fields), [f.get_db_prep_save(getattr(event, f.attname), connection)
-                                              for f in fields])
+            cur.execute(insert_sql, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields])
             event.pk = cur.fetchone()[0]
         event._state.adding, event._state.db = False, connection.alias
     return event
 
 
-def _insert_sql(fields) -> str:
-    from .models import AuditEvent
+_statement: tuple[list, str] | None = None
 
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    return (f"INSERT INTO {connection.ops.quote_name(AuditEvent._meta.db_table)} ({columns}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id")
+
+def _insert_statement() -> tuple[list, str]:
+    """The event's columns and the INSERT for them, built once per process."""
+    global _statement
+    if _statement is None:
+        from .models import AuditEvent
+
+        fields = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
+        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+        _statement = (fields, f"INSERT INTO {connection.ops.quote_name(AuditEvent._meta.db_table)} ({columns}) "
+                              f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id")
+    return _statement
 
 
 def head() -> tuple[int, str]:
