@@ -11,6 +11,7 @@ impossible even if the lock were bypassed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -47,34 +48,67 @@ def link(prev_hash: str, values: dict) -> str:
 def append(**values):
     """Insert one event at the head of the chain. Must run inside a transaction (it opens one
     if needed); the advisory lock is held until that transaction ends."""
-    from .models import AuditEvent
-
     # Everything that does not depend on the head is done before the lock is taken: the lock
     # serializes every writer, so only what must happen under it counts against throughput.
     values = {**values, "details": normalize(values.get("details"))}
     fields, insert_sql = _insert_statement()
-    # No savepoint when nested: an event that cannot be written fails the caller's whole
-    # transaction anyway (a change without its audit event must not commit).
+    connection.ensure_connection()
+    if connection.get_autocommit() and not connection.in_atomic_block:
+        return _append_alone(values, fields, insert_sql)
+    # Inside the caller's transaction. No savepoint: an event that cannot be written fails the
+    # caller's whole transaction anyway (a change without its audit event must not commit).
     with transaction.atomic(savepoint=False):
-        connection.ensure_connection()
         pg = connection.connection
         # One round trip for BEGIN, the lock and the head: pipelined statements still run one
         # after the other, and the head query takes its snapshot only once the lock is held
         # (READ COMMITTED), so it sees the event the previous holder committed.
         with pg.pipeline():
-            locked = pg.execute("SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [LOCK_KEY])
-            top = pg.execute("SELECT sequence, hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1")
-        now, head = locked.fetchone()[1], top.fetchone()
-        sequence, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-        values.update(sequence=sequence, created_at=now)
-        event = AuditEvent(**{k: v for k, v in values.items() if k != "actor_id"},
-                           actor_id=values.get("actor_id"), prev_hash=prev, hash=link(prev, values))
+            locked = pg.execute(LOCK_SQL, [LOCK_KEY])
+            top = pg.execute(HEAD_SQL)
+        event = _event(values, locked.fetchone()[1], top.fetchone())
         # One plain INSERT while the lock is held: the lock serializes every writer, so each
         # statement saved here is throughput (Model.save() would add signals and a pk query).
         with connection.cursor() as cur:
             cur.execute(insert_sql, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields])
             event.pk = cur.fetchone()[0]
-        event._state.adding, event._state.db = False, connection.alias
+    event._state.adding, event._state.db = False, connection.alias
+    return event
+
+
+LOCK_SQL = "SELECT pg_advisory_xact_lock(%s), clock_timestamp()"
+HEAD_SQL = "SELECT sequence, hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1"
+
+
+def _event(values: dict, now, head):
+    from .models import AuditEvent
+
+    sequence, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+    values.update(sequence=sequence, created_at=now)
+    return AuditEvent(**{k: v for k, v in values.items() if k != "actor_id"},
+                      actor_id=values.get("actor_id"), prev_hash=prev, hash=link(prev, values))
+
+
+def _append_alone(values: dict, fields: list, insert_sql: str):
+    """An event that is a transaction of its own (no caller's transaction is open): two round
+    trips in all — BEGIN + lock + head, then INSERT + COMMIT — pipelined on the connection,
+    which Django keeps in autocommit mode and so leaves these statements alone."""
+    pg = connection.connection
+    try:
+        with pg.pipeline() as pipeline:
+            pg.execute("BEGIN")
+            locked = pg.execute(LOCK_SQL, [LOCK_KEY])
+            top = pg.execute(HEAD_SQL)
+            pipeline.sync()
+            event = _event(values, locked.fetchone()[1], top.fetchone())
+            inserted = pg.execute(insert_sql,
+                                  [f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields])
+            pg.execute("COMMIT")
+        event.pk = inserted.fetchone()[0]
+    except BaseException:
+        with contextlib.suppress(Exception):
+            pg.execute("ROLLBACK")
+        raise
+    event._state.adding, event._state.db = False, connection.alias
     return event
 
 

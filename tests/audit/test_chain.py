@@ -190,6 +190,42 @@ def test_twenty_concurrent_writers_make_one_linear_chain():
     assert chain.verify() == (500, [])
 
 
+@pytest.mark.django_db(transaction=True)
+def test_an_event_of_its_own_and_one_inside_a_transaction_chain_alike_and_roll_back_cleanly(monkeypatch):
+    """record() outside any transaction pipelines its own BEGIN ... COMMIT; inside one it joins
+    the caller's. Both write the same chain, and a failure in either leaves nothing behind and
+    the connection usable."""
+    from django.db import transaction
+
+    audit.record("test", "test.alone", ("thing", 1, "one"), details={"when": "alone"})
+    with transaction.atomic():
+        audit.record("test", "test.inside", ("thing", 2, "two"))
+    with pytest.raises(RuntimeError), transaction.atomic():
+        audit.record("test", "test.rolled.back", ("thing", 3, "three"))
+        raise RuntimeError("the caller's change failed")
+    real_link = chain.link
+    monkeypatch.setattr(chain, "link", lambda *a: (_ for _ in ()).throw(RuntimeError("hash failed")))
+    with pytest.raises(RuntimeError, match="hash failed"):
+        audit.record("test", "test.broken.alone", ("thing", 4, "four"))
+    with pytest.raises(RuntimeError, match="hash failed"), transaction.atomic():
+        audit.record("test", "test.broken.inside", ("thing", 5, "five"))
+    monkeypatch.setattr(chain, "link", real_link)
+    # A duplicate hash (as a bypassed lock would make) is refused by the database: rolled back too.
+    with connection.cursor() as cur:
+        cur.execute("SELECT hash FROM audit_auditevent ORDER BY sequence DESC LIMIT 1")
+        head_hash = cur.fetchone()[0]
+    monkeypatch.setattr(chain, "link", lambda *a: head_hash)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the IntegrityError of the unique hash
+        audit.record("test", "test.fork", ("thing", 6, "six"))
+    monkeypatch.setattr(chain, "link", real_link)
+    audit.record("test", "test.after", ("thing", 7, "seven"))
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")  # the connection is usable and not inside a failed transaction
+    actions = list(AuditEvent.objects.order_by("sequence").values_list("action", flat=True))
+    assert actions == ["test.alone", "test.inside", "test.after"]
+    assert chain.verify() == (3, [])
+
+
 @pytest.mark.django_db
 def test_secrets_in_details_are_masked():
     audit.record("test", "test.secret", None, details={"password": "hunter2", "api_token": "t0k",
