@@ -172,23 +172,30 @@ def _windows(db):
         return []
 
 
-@login_required
-def runs(request):
-    _require_reader(request)
-    qs = BackupRun.objects.select_related("database").order_by("-id")
-    filters = {k: request.GET.get(k, "").strip() for k in ("database", "state", "trigger", "kind")}
+def _filtered_page(request, qs, fields: tuple[str, ...]):
+    """One page (newest first, keyset on id) of ``qs`` filtered by ?database= and ``fields``
+    from the query string: (rows, the id to continue before or None, the filters as given)."""
+    filters = {k: request.GET.get(k, "").strip() for k in ("database", *fields)}
     if filters["database"]:
         qs = qs.filter(database__name=filters["database"])
-    for field in ("state", "trigger", "kind"):
+    for field in fields:
         if filters[field]:
             qs = qs.filter(**{field: filters[field]})
     before = request.GET.get("before", "")
     if before.isdigit():
         qs = qs.filter(id__lt=int(before))
-    page = list(qs[:PAGE + 1])
+    page = list(qs.order_by("-id")[:PAGE + 1])
+    return page[:PAGE], page[PAGE - 1].pk if len(page) > PAGE else None, filters
+
+
+@login_required
+def runs(request):
+    _require_reader(request)
+    rows, next_before, filters = _filtered_page(
+        request, BackupRun.objects.select_related("database"), ("state", "trigger", "kind"))
     return render(request, "monitoring/runs.html", {
-        "runs": page[:PAGE], "next_before": page[PAGE - 1].pk if len(page) > PAGE else None,
-        "filters": filters, "states": BackupRun.State.choices, "triggers": BackupRun.Trigger.choices,
+        "runs": rows, "next_before": next_before, "filters": filters,
+        "states": BackupRun.State.choices, "triggers": BackupRun.Trigger.choices,
         "kinds": BackupKind.choices, "databases": Database.objects.order_by("name").values_list("name", flat=True)})
 
 
@@ -243,20 +250,11 @@ def backup_now(request, name):
 @login_required
 def archives(request):
     _require_reader(request)
-    qs = Archive.objects.select_related("database").order_by("-id")
-    filters = {k: request.GET.get(k, "").strip() for k in ("database", "kind", "state")}
-    if filters["database"]:
-        qs = qs.filter(database__name=filters["database"])
-    for field in ("kind", "state"):
-        if filters[field]:
-            qs = qs.filter(**{field: filters[field]})
-    before = request.GET.get("before", "")
-    if before.isdigit():
-        qs = qs.filter(id__lt=int(before))
-    page = list(qs[:PAGE + 1])
+    rows, next_before, filters = _filtered_page(
+        request, Archive.objects.select_related("database"), ("kind", "state"))
     return render(request, "monitoring/archives.html", {
-        "archives": page[:PAGE], "next_before": page[PAGE - 1].pk if len(page) > PAGE else None,
-        "filters": filters, "kinds": BackupKind.choices, "states": Archive.State.choices,
+        "archives": rows, "next_before": next_before, "filters": filters,
+        "kinds": BackupKind.choices, "states": Archive.State.choices,
         "databases": Database.objects.order_by("name").values_list("name", flat=True),
         "can_verify": request.user.has_perm("backups.verify_archive")})
 
