@@ -99,8 +99,7 @@ class _Keeper(threading.Thread):
         super().__init__(name=f"lock-keeper-{db.pk}", daemon=True)
         self.conn, self.params, self.db, self.purpose = conn, params, db, purpose
         self.interval = max(0.05, float(settings.BANKVAULT_HEARTBEAT_SECONDS))
-        self.lost_to: str | None = None
-        self.retaken = 0
+        self.lost = False  # another job took the lock while ours was gone: nothing left to keep
         self._halt = threading.Event()
         self.start()
 
@@ -117,7 +116,7 @@ class _Keeper(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
-            if self.lost_to is not None or self._alive():
+            if self.lost or self._alive():
                 continue
             log.warning("%s: the lock on %s went with the portal database's connection; taking it again",
                         self.purpose, self.db.name)
@@ -137,10 +136,9 @@ class _Keeper(threading.Thread):
             except psycopg.Error:
                 continue  # gone again: try on the next tick
             if ok:
-                self.retaken += 1
                 log.warning("%s: holds the lock on %s again", self.purpose, self.db.name)
             else:
-                self.lost_to = "another job"
+                self.lost = True
                 log.error("%s: while the portal's database restarted, another job took the lock on %s; "
                           "both run now", self.purpose, self.db.name)
 
