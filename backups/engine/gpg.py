@@ -39,7 +39,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from .pgtools import BackupError, StderrCollector, kill, spawn
+from .pgtools import BackupError, StderrCollector, kill, spawn, track
 from .repository import CHUNK
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,32 @@ def keys_by_fingerprint(fingerprints: Iterable[str]) -> list:
     return [found[f] for f in wanted]
 
 
+# What a worker process has already learnt from key texts, by the sha256 of the text: what the
+# key says about itself (inspect) and that the texts import into a keyring. Both depend on the
+# text alone (an expiry is compared with the clock at every use, from the cached date), so a
+# repeated backup to the same keys skips four gpg runs; the test encryption runs every time.
+_INSPECTED: dict[str, KeyInfo] = {}
+_IMPORTED: set[str] = set()
+_CACHE_MAX = 256
+
+
+def _text_digest(*texts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
+
+
+def inspect_cached(armored: str) -> KeyInfo:
+    digest = _text_digest(armored)
+    info = _INSPECTED.get(digest)
+    if info is None:
+        info = inspect(armored)
+        if len(_INSPECTED) >= _CACHE_MAX:
+            _INSPECTED.clear()
+        _INSPECTED[digest] = info
+    return info
+
+
 class Recipients:
     """The public keys one backup encrypts to, checked before anything is written: each is in
     the catalog, is the key its fingerprint says, has not expired, can encrypt, and imports into
@@ -235,7 +261,7 @@ class Recipients:
         for key in self.keys:
             label = f"recipient key {key.fingerprint} ({key.owner})"
             try:
-                info = inspect(key.public_key)
+                info = inspect_cached(key.public_key)
             except GpgError as exc:
                 raise RecipientKeyError(f"{label} cannot be read from the catalog: {exc.message}") from None
             if info.fingerprint != key.fingerprint:
@@ -253,16 +279,21 @@ class Recipients:
             path.write_text(key.public_key)
             self.files.append(path)
         # Importable into a keyring of its own (catches keys gpg reads but will not use) ...
-        home = self.dir / "keyring"
-        home.mkdir(mode=0o700)
-        result = gnupg.GPG(gpgbinary=binary(), gnupghome=str(home)).import_keys(
-            "\n".join(k.public_key for k in self.keys))
-        imported = {r.get("fingerprint") for r in result.results if r.get("fingerprint")}
-        missing = [f for f in self.fingerprints if f not in imported]
-        _kill_agent(str(home))
-        if missing:
-            raise RecipientKeyError(f"recipient key(s) {', '.join(missing)} do not import into a keyring: "
-                                    f"{result.stderr.strip()[-300:]}")
+        texts = _text_digest(*(k.public_key for k in self.keys))
+        if texts not in _IMPORTED:
+            home = self.dir / "keyring"
+            home.mkdir(mode=0o700)
+            result = gnupg.GPG(gpgbinary=binary(), gnupghome=str(home)).import_keys(
+                "\n".join(k.public_key for k in self.keys))
+            imported = {r.get("fingerprint") for r in result.results if r.get("fingerprint")}
+            missing = [f for f in self.fingerprints if f not in imported]
+            _kill_agent(str(home))
+            if missing:
+                raise RecipientKeyError(f"recipient key(s) {', '.join(missing)} do not import into a keyring: "
+                                        f"{result.stderr.strip()[-300:]}")
+            if len(_IMPORTED) >= _CACHE_MAX:
+                _IMPORTED.clear()
+            _IMPORTED.add(texts)
         # ... and a test encryption to all of them: gpg itself says whether it will use them.
         proc = subprocess.run(self.encrypt_argv(), input=b"", capture_output=True, env=_base_env(), timeout=60)
         if proc.returncode != 0:
@@ -277,8 +308,8 @@ class Recipients:
             argv += ["--recipient-file", str(path)]
         return argv + ["--output", "-"]
 
-    def encryptor(self, sink) -> Encryptor:
-        return Encryptor(self.encrypt_argv(), sink)
+    def encryptor(self, sink, check: StreamCheck | None = None) -> Encryptor:
+        return Encryptor(self.encrypt_argv(), sink, check)
 
 
 def recipients_for(keys: list):
@@ -306,8 +337,8 @@ class Encryptor:
     """A writer (write/close, like the compressors) that pipes everything through gpg --encrypt
     into ``sink``. gpg's output is read on a thread so neither side blocks the other."""
 
-    def __init__(self, argv: list[str], sink):
-        self.sink = sink
+    def __init__(self, argv: list[str], sink, check: StreamCheck | None = None):
+        self.sink, self.check = sink, check
         self.error: BaseException | None = None
         self.proc, self.err = spawn(argv, _base_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         wide_pipes(self.proc.stdin, self.proc.stdout)
@@ -316,9 +347,11 @@ class Encryptor:
 
     def _copy_out(self) -> None:
         try:
-            read = self.proc.stdout.read
+            read, check = self.proc.stdout.read, self.check
             while chunk := read(CHUNK):
                 self.sink.write(chunk)
+                if check is not None:
+                    check.feed(chunk)
         except BaseException as exc:  # the sink failed (disk full): stop gpg so the writer sees it
             self.error = exc
             kill(self.proc)
@@ -349,6 +382,8 @@ class Encryptor:
     def abort(self) -> None:
         kill(self.proc)
         self._pump.join(timeout=10)
+        if self.check is not None:
+            self.check.abort()
 
 
 # -- the workers' private key ------------------------------------------------------------------------
@@ -399,6 +434,87 @@ def _kill_agent(home: str) -> None:
         subprocess.run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], capture_output=True, timeout=30)
 
 
+def _start_decrypt(source: str, *, stdin, stdout):
+    """gpg --decrypt of ``source`` (a path, or "-" for stdin) with the workers' key: the
+    passphrase in a pipe (never argv), the status lines collected on a thread.
+    Returns (process, stderr collector, status lines, status thread)."""
+    home = _check_home()
+    pass_r, pass_w = os.pipe()
+    status_r, status_w = os.pipe()
+    try:
+        # The passphrase goes into the pipe before gpg starts (it is far below a pipe's buffer).
+        os.write(pass_w, _passphrase() + b"\n")
+        os.close(pass_w)
+        pass_w = -1
+        argv = [binary(), "--batch", "--no-tty", "--homedir", str(home), "--pinentry-mode", "loopback",
+                "--passphrase-fd", str(pass_r), "--status-fd", str(status_w), "--no-permission-warning",
+                "--decrypt", source]
+        log.info("running %s", " ".join(argv))  # the passphrase is in a pipe, not here
+        proc = subprocess.Popen(argv, env=_base_env(), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                                pass_fds=(pass_r, status_w), start_new_session=True)
+        track(proc)
+    except BaseException:
+        os.close(status_r)
+        raise
+    finally:
+        for fd in (pass_r, status_w, pass_w):
+            if fd >= 0:
+                os.close(fd)
+    status: list[str] = []
+
+    def read_status():
+        with os.fdopen(status_r, "rb") as f:
+            for raw in f:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("[GNUPG:] "):
+                    status.append(line[9:])
+
+    thread = threading.Thread(target=read_status, name="gpg-status", daemon=True)
+    thread.start()
+    return proc, StderrCollector(proc.stderr), status, thread
+
+
+class StreamCheck:
+    """Decrypts an encrypted stream as it is written, to nowhere, for gpg's verdict alone.
+
+    A backup feeds it the very bytes it hashes and stores; when gpg confirms the integrity of
+    all of them, the stored file (same sha256) is proven to decrypt with the workers' key, as a
+    read-back would prove, but while the dump runs instead of after it."""
+
+    def __init__(self, label: str, recipients: Iterable[str]):
+        self.label, self.recipients = label, list(recipients)
+        self.proc, self.err, self.status, self._status_thread = _start_decrypt(
+            "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        wide_pipes(self.proc.stdin)
+
+    def feed(self, chunk) -> None:
+        if self.proc.stdin.closed:
+            return
+        try:
+            self.proc.stdin.write(chunk)
+        except (BrokenPipeError, ValueError, OSError):  # gpg stopped early; its verdict says why
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
+
+    def verdict(self, timeout: float = 600) -> None:
+        """Return when gpg decrypted everything fed with a confirmed integrity check; raise the
+        GpgError that says why not (MissingPrivateKey, WrongPassphrase, IntegrityError...)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill(self.proc)
+            raise GpgError(f"gpg did not finish decrypting {self.label} within {timeout:.0f}s") from None
+        self._status_thread.join(timeout=30)
+        check_status(rc, self.status, self.err.text(), self.label, self.recipients)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+        kill(self.proc)
+
+
 class DecryptingReader(io.RawIOBase):
     """The plaintext of an encrypted file, streamed out of gpg --decrypt.
 
@@ -414,37 +530,10 @@ class DecryptingReader(io.RawIOBase):
         self.recipients = list(recipients)
         self.proc = None
         self._done = True  # until gpg runs
-        home = _check_home()
-        pass_r, pass_w = os.pipe()
-        status_r, status_w = os.pipe()
-        try:
-            # The passphrase goes into the pipe before gpg starts (it is far below a pipe's buffer).
-            os.write(pass_w, _passphrase() + b"\n")
-            os.close(pass_w)
-            pass_w = -1
-            argv = [binary(), "--batch", "--no-tty", "--homedir", str(home), "--pinentry-mode", "loopback",
-                    "--passphrase-fd", str(pass_r), "--status-fd", str(status_w), "--no-permission-warning",
-                    "--decrypt", str(self.path)]
-            log.info("running %s", " ".join(argv))  # the passphrase is in a pipe, not here
-            self.proc = subprocess.Popen(argv, env=_base_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, pass_fds=(pass_r, status_w), start_new_session=True)
-            self.err = StderrCollector(self.proc.stderr)
-            wide_pipes(self.proc.stdout)
-            self._done = False
-        finally:
-            for fd in (pass_r, status_w, pass_w):
-                if fd >= 0:
-                    os.close(fd)
-        self.status: list[str] = []
-        self._status_thread = threading.Thread(target=self._read_status, args=(status_r,), daemon=True)
-        self._status_thread.start()
-
-    def _read_status(self, fd: int) -> None:
-        with os.fdopen(fd, "rb") as f:
-            for raw in f:
-                line = raw.decode(errors="replace").strip()
-                if line.startswith("[GNUPG:] "):
-                    self.status.append(line[9:])
+        self.proc, self.err, self.status, self._status_thread = _start_decrypt(
+            str(self.path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        wide_pipes(self.proc.stdout)
+        self._done = False
 
     def readable(self) -> bool:
         return True

@@ -148,11 +148,12 @@ def count_rows(conn, tables: list[tuple[str, str]]) -> dict[tuple[str, str], int
 
 # -- streaming a tool's output into an archive file ------------------------------------------
 def stream_to_file(proc: subprocess.Popen, path: Path, opts: LogicalOptions,
-                   progress: Progress | None = None, total: int = 0, tees: list | tuple = ()) -> dict:
+                   progress: Progress | None = None, total: int = 0, tees: list | tuple = (),
+                   check: gpg.StreamCheck | None = None) -> dict:
     """Read proc.stdout to EOF, compress, (encrypt,) hash and write to ``path``. Each of
-    ``tees`` (_Derived) is fed the same raw bytes."""
+    ``tees`` (_Derived) is fed the same raw bytes; ``check``, the encrypted bytes as written."""
     writer = HashingWriter(path)
-    encryptor = opts.recipients.encryptor(writer) if opts.recipients is not None else None
+    encryptor = opts.recipients.encryptor(writer, check) if opts.recipients is not None else None
     comp = compress.compressor(opts.compression, encryptor or writer, opts.level, opts.threads)
     raw = 0
     try:
@@ -214,7 +215,7 @@ def _finish(proc: subprocess.Popen, err, conn: ConnInfo, tool: str, watchdog: _W
 
 def run_to_file(argv: list[str], env: dict, conn: ConnInfo, path: Path, opts: LogicalOptions, *,
                 tool: str, stdin_source=None, progress: Progress | None = None, total: int = 0,
-                on_stderr_line=None, tees: list | tuple = ()) -> dict:
+                on_stderr_line=None, tees: list | tuple = (), check: gpg.StreamCheck | None = None) -> dict:
     """Run a tool whose stdout becomes one archive file. ``stdin_source``, if given, is a
     readable binary stream fed to the tool's stdin on a thread."""
     timeout = settings.BANKVAULT_TOOL_TIMEOUT
@@ -223,7 +224,7 @@ def run_to_file(argv: list[str], env: dict, conn: ConnInfo, path: Path, opts: Lo
     watchdog = _Watchdog(proc, timeout)
     feeder = Feeder(stdin_source, proc.stdin) if stdin_source is not None else None
     try:
-        entry = stream_to_file(proc, path, opts, progress, total, tees)
+        entry = stream_to_file(proc, path, opts, progress, total, tees, check)
     finally:
         if feeder:
             feeder.join(timeout=30)
@@ -292,9 +293,10 @@ class Feeder(threading.Thread):
     normal (pg_restore --list reads only the TOC); a source that cannot be read — a damaged
     compressed stream — is kept as ``error`` for the caller to report."""
 
-    def __init__(self, source, sink):
+    def __init__(self, source, sink, to_the_end: bool = True):
         super().__init__(name="feed", daemon=True)
         self.source, self.sink, self.error = source, sink, None
+        self.to_the_end = to_the_end
         self.start()
 
     def run(self) -> None:
@@ -317,7 +319,7 @@ class Feeder(threading.Thread):
                 self.sink.close()
             # An encrypted source vouches for its content only at its end: read on to it even
             # when the tool stopped early, so gpg's integrity verdict is always had.
-            finish = getattr(self.source, "finish", None)
+            finish = getattr(self.source, "finish", None) if self.to_the_end else None
             if finish is not None and self.error is None:
                 try:
                     finish()
@@ -328,7 +330,7 @@ class Feeder(threading.Thread):
 
     def check(self, what: str) -> None:
         # Reading an encrypted source to its end may take a while; it must be waited for.
-        self.join(timeout=None if hasattr(self.source, "finish") else 30)
+        self.join(timeout=None if self.to_the_end and hasattr(self.source, "finish") else 30)
         if isinstance(self.error, (gpg.MissingPrivateKey, gpg.WrongPassphrase)):
             raise self.error
         if isinstance(self.error, BackupError):
@@ -413,13 +415,28 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
             argv.append(conn.dbname)
             dump_path = stage / (FILE_NAMES["dump"] + opts.suffix())
             derived: list[_Derived] = []
+            check = unreadable = None
             if opts.recipients is not None:
-                derived = [_Derived(role, [inst.tool("pg_restore"), *DERIVED_ARGS[role], "-f", "-"], env, conn,
-                                    stage / (FILE_NAMES[role] + opts.suffix()), opts)
-                           for role in opts.artifacts if role != "dump"]
+                # The dump is decrypted as it is written: gpg's verdict at the end says whether
+                # the workers' key opened it (an escrow-only key does not; the backup counts).
+                try:
+                    check = gpg.StreamCheck(dump_path.name, opts.recipients.fingerprints)
+                except gpg.MissingPrivateKey:  # no keyring at all
+                    unreadable = no_private_key(opts.recipients.fingerprints)
+                try:
+                    for role in opts.artifacts:
+                        if role != "dump":
+                            derived.append(_Derived(role, [inst.tool("pg_restore"), *DERIVED_ARGS[role], "-f", "-"],
+                                                    env, conn, stage / (FILE_NAMES[role] + opts.suffix()), opts))
+                except BaseException:
+                    for d in derived:
+                        d.abort()
+                    if check is not None:
+                        check.abort()
+                    raise
             try:
-                dump = run_to_file(argv, env, conn, dump_path, opts, tool="pg_dump",
-                                   progress=progress, total=est_total, on_stderr_line=on_line, tees=derived)
+                dump = run_to_file(argv, env, conn, dump_path, opts, tool="pg_dump", progress=progress,
+                                   total=est_total, on_stderr_line=on_line, tees=derived, check=check)
             except BaseException:
                 # The server may be gone (restarted, down): nothing left to cancel, and the dump's
                 # own error is the one to report, not the cancellation's.
@@ -427,6 +444,8 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
                     pg.cancel_safe()
                 for d in derived:
                     d.abort()
+                if check is not None:
+                    check.abort()
                 raise
             finally:
                 counter.join()
@@ -444,6 +463,8 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
                     for d in derived:
                         d.abort()
                     raise
+            if check is not None:
+                unreadable = stream_verdict(check)
             if count_error:
                 raise classify(str(count_error[0]), conn, "row count")
             if "error" in globals_result:
@@ -491,7 +512,8 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
     }
     progress.item = "verifying"
     progress(est_total, est_total, force=True)
-    verify_written(stage, man, inst)
+    # An encrypted dump was decrypted as it was written (or could not be, and why is known).
+    verify_written(stage, man, inst, decrypted_as_written=unreadable)
     man_sha = manifest.write(stage, man)
     return Produced(manifest=man, manifest_sha256=man_sha, files=files)
 
@@ -536,6 +558,27 @@ def open_entry(directory: Path, man: dict, entry: dict, label: str = ""):
                             label=label or entry["path"], recipients=enc.get("recipients", ()))
 
 
+def no_private_key(recipients) -> str:
+    """What a manifest says when the workers hold no private key of ``recipients``."""
+    return ("the workers hold no private key of " + ", ".join(recipients) +
+            " (escrow-only keys?), so read-back verification was limited to checksums; "
+            "the decrypt canary is what proves such an archive readable")
+
+
+def stream_verdict(check: gpg.StreamCheck) -> str:
+    """The in-stream decryption's verdict on the dump: "" when gpg confirmed its integrity, the
+    reason when the key or passphrase did not open it. Anything else fails the backup."""
+    try:
+        check.verdict()
+    except gpg.MissingPrivateKey:
+        return no_private_key(check.recipients)
+    except gpg.WrongPassphrase as exc:
+        return f"{exc.message}; read-back verification was limited to checksums"
+    except gpg.GpgError as exc:
+        raise VerificationFailed(f"the encrypted dump does not decrypt: {exc.message}", exc.detail) from None
+    return ""
+
+
 def content_unverifiable(directory: Path, man: dict) -> str:
     """For an encrypted archive: why the workers cannot read its content back ("" when they
     can: a recipient's private key is in BANKVAULT_GPG_HOME and the passphrase opens it)."""
@@ -543,9 +586,7 @@ def content_unverifiable(directory: Path, man: dict) -> str:
     if not enc:
         return ""
     if not gpg.can_decrypt(enc.get("recipients", ())):
-        return ("the workers hold no private key of " + ", ".join(enc.get("recipients", ())) +
-                " (escrow-only keys?), so read-back verification was limited to checksums; "
-                "the decrypt canary is what proves such an archive readable")
+        return no_private_key(enc.get("recipients", ()))
     dump = next(f for f in man["files"] if f["role"] == "dump")
     try:
         gpg.probe(directory / dump["path"], dump["path"], enc.get("recipients", ()))
@@ -554,7 +595,8 @@ def content_unverifiable(directory: Path, man: dict) -> str:
     return ""
 
 
-def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None = None) -> None:
+def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None = None,
+                   decrypted_as_written: str | None = None) -> None:
     """Both checks after writing, side by side: the re-hash is I/O and hashing in this
     process, pg_restore --list another process, so together they take the time of one.
     The re-hash reads back what was just fsynced (usually from the page cache): it proves
@@ -563,12 +605,16 @@ def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None =
 
     An encrypted dump is read through gpg to its end (its integrity check) when the workers
     hold a recipient's private key; when they do not — keys held only in escrow — the backup
-    still counts, and man["verification"] says that only the checksums were verified."""
-    limited = content_unverifiable(directory, man)
+    still counts, and man["verification"] says that only the checksums were verified.
+    ``decrypted_as_written`` is a new backup's in-stream verdict ("" when gpg confirmed the
+    dump's integrity as it was written, else why it could not decrypt it): gpg vouched for
+    those bytes and the re-hash proves them stored, so pg_restore --list reads only the head."""
+    in_stream = decrypted_as_written is not None
+    limited = decrypted_as_written if in_stream else content_unverifiable(directory, man)
     if man.get("encryption"):
+        how = "decrypted with gpg's integrity check" + (" as written" if in_stream else "") + "; pg_restore --list"
         man["verification"] = {"checksums": True, "content": not limited,
-                               **({"limited": limited} if limited else
-                                  {"how": "decrypted with gpg's integrity check; pg_restore --list"})}
+                               **({"limited": limited} if limited else {"how": how})}
     if limited:
         log.warning("archive in %s: %s", directory, limited)
         verify_files(directory, man)
@@ -577,7 +623,7 @@ def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None =
 
     def toc():
         try:
-            verify_dump_toc(directory, man, inst)
+            verify_dump_toc(directory, man, inst, to_the_end=not in_stream)
             if man.get("encryption"):  # the small globals file: its integrity too
                 entry = next(f for f in man["files"] if f["role"] == "globals")
                 with open_entry(directory, man, entry) as src:
@@ -597,9 +643,12 @@ def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None =
         raise toc_error[0]
 
 
-def verify_dump_toc(directory: Path, man: dict, inst: pgbin.Installation | None = None) -> int:
+def verify_dump_toc(directory: Path, man: dict, inst: pgbin.Installation | None = None,
+                    to_the_end: bool = True) -> int:
     """pg_restore --list on the dump: the archive must be readable by the pg tools and hold
-    a TABLE DATA entry for every table that had rows. Returns the number of TOC entries."""
+    a TABLE DATA entry for every table that had rows. Returns the number of TOC entries.
+    An encrypted dump is decrypted to its end, for gpg's integrity verdict, unless
+    ``to_the_end`` is False (gpg already vouched for these bytes)."""
     entry = next(f for f in man["files"] if f["role"] == "dump")
     inst = inst or pgbin.for_server(man["source"].get("server_version_num"))
     try:
@@ -609,7 +658,7 @@ def verify_dump_toc(directory: Path, man: dict, inst: pgbin.Installation | None 
     proc, err = spawn([inst.tool("pg_restore"), "--list"], dict(os.environ, LC_MESSAGES="C"),
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     watchdog = _Watchdog(proc, 600)
-    feeder = Feeder(source, proc.stdin)
+    feeder = Feeder(source, proc.stdin, to_the_end=to_the_end)
     out = proc.stdout.read()
     rc = proc.wait()
     watchdog.cancel()

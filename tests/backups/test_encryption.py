@@ -245,6 +245,47 @@ def test_escrow_only_keys_still_back_up_but_say_the_content_was_not_read_back(wo
 
 @pytest.mark.pg
 @pytest.mark.django_db
+def test_a_wrong_passphrase_at_backup_time_backs_up_and_says_why_the_content_was_not_read_back(
+        keys, settings, target_db, repo):
+    settings.BANKVAULT_GPG_HOME, settings.BANKVAULT_GPG_PASSPHRASE = keys["homes"]["pass"], "not-it"
+    gpg.flush_passphrase_cache()  # an earlier test's right passphrase may sit in gpg-agent's cache
+    run, archive = backup(target_db, encrypted_policy(target_db, stored_key(keys, "pass")))
+    assert run.state == BackupRun.State.SUCCEEDED, run.error
+    verification = manifest_of(archive)["verification"]
+    assert verification["content"] is False and verification["checksums"] is True
+    assert "passphrase of the workers' private key is wrong" in verification["limited"]
+    # With the right passphrase the same archive reads back in full.
+    settings.BANKVAULT_GPG_PASSPHRASE = PASSPHRASE
+    assert runner.verify(archive, "test") == (True, "")
+
+
+def test_decrypting_as_written_confirms_a_whole_stream_and_refuses_an_altered_or_cut_one(worker_key, tmp_path):
+    """What a backup's in-stream check does with the bytes it is fed (real gpg, worker's key)."""
+    plain = os.urandom(3 << 20)
+    sealed = subprocess.run(["gpg", "--homedir", str(worker_key["homes"]["worker"]), "--batch", "--trust-model",
+                             "always", "--compress-algo", "none", "--encrypt", "--recipient",
+                             worker_key["worker"][0], "--output", "-"], input=plain, capture_output=True,
+                            check=True).stdout
+
+    def verdict(data: bytes):
+        check = gpg.StreamCheck("test.gpg", [worker_key["worker"][0]])
+        for start in range(0, len(data), 1 << 16):
+            check.feed(data[start:start + (1 << 16)])
+        check.verdict()
+
+    verdict(sealed)  # gpg confirmed the integrity of all of it
+    flipped = bytearray(sealed)
+    flipped[len(sealed) // 2] ^= 0x01
+    with pytest.raises(gpg.IntegrityError):
+        verdict(bytes(flipped))
+    with pytest.raises(gpg.GpgError):
+        verdict(sealed[:len(sealed) - 1000])
+    with pytest.raises(gpg.GpgError, match="not a GnuPG-encrypted file"):
+        verdict(plain[:1 << 16])
+
+
+@pytest.mark.pg
+@pytest.mark.django_db
 @pytest.mark.parametrize("problem", ["expired", "signonly", "different", "unreadable"])
 def test_a_bad_recipient_key_fails_the_backup_before_anything_is_written(worker_key, target_db, repo, problem):
     if problem == "different":  # the row says one fingerprint, its key is another
