@@ -121,7 +121,9 @@ class Phases:
         out = {
             "connect": ev["prepare"][0] - ev["restore_database"][0],
             "verify": d("verify_files"),
-            "decompress": d("prepare") - d("verify_files") - d("toc"),  # 0 when streamed (the default)
+            # The checksums and the TOC run side by side in prepare(); what is left of it is the
+            # scratch copy (jobs > 1), 0 when streamed (the default).
+            "decompress": max(0.0, d("prepare") - max(d("verify_files"), d("toc"))),
             "toc": d("toc"),
             "preflight": d("preflight"),
             "properties_sql": d("database_properties"),
