@@ -514,8 +514,8 @@ bankvault backup benchmark
               ({args.key_algo}, made in {enc_info['keygen_seconds']:.2f} s): the workers' key (private half
               in BANKVAULT_GPG_HOME, no passphrase) and an escrow key (no private half here).
               g, h, i also check the keys (pre-flight), encrypt every file, and, where the workers
-              hold a private key (g, h), decrypt the whole dump to verify it (gpg's integrity check);
-              i (escrow only) verifies checksums only, as the engine does for escrow-only keys.""",
+              hold a private key (g, h), decrypt the whole dump as it is written (gpg's integrity
+              check); i (escrow only) verifies checksums only, as the engine does for escrow-only keys.""",
                   flush=True)
         print(flush=True)
 
