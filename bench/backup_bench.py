@@ -436,7 +436,12 @@ def check_targets(rows: dict) -> list[dict]:
         (f"encrypted / unencrypted bankvault ({k}/c, {what}) <= 1.15", *ratio(k, "c", 1.15))
         for k, what in encrypted
     ]
-    return [{"target": name, "passed": ok, "measured": got} for name, ok, got in targets]
+    out = [{"target": name, "passed": ok, "measured": got} for name, ok, got in targets]
+    # For information, not a target: how much faster the raw zstd pipeline itself is than pg_dump
+    # -Fc on this machine, the ceiling of the second target for an engine that adds nothing.
+    out.append({"target": "for information: raw zstd pipeline (b) faster than raw pg_dump -Fc (a)", "passed": None,
+                "measured": ratio("a", "b", 0.0, faster=True)[1].replace("x (", "x faster (", 1)})
+    return out
 
 
 def main() -> int:
@@ -553,7 +558,8 @@ bankvault backup benchmark
         print("\ntargets")
         width = max(len(t["target"]) for t in targets)
         for t in targets:
-            print(f"  {'PASS' if t['passed'] else 'FAIL'}  {t['target']:<{width}}  {t['measured']}")
+            mark = {True: "PASS", False: "FAIL", None: "info"}[t["passed"]]
+            print(f"  {mark}  {t['target']:<{width}}  {t['measured']}")
 
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         results = Path(__file__).resolve().parent / "results"
@@ -562,7 +568,7 @@ bankvault backup benchmark
         path.write_text(json.dumps({"timestamp": stamp, "header": header, "variants": rows,
                                     "targets": targets}, indent=2) + "\n")
         print(f"\nresults: {path.relative_to(ROOT)}")
-        return 1 if args.strict and not all(t["passed"] for t in targets) else 0
+        return 1 if args.strict and any(t["passed"] is False for t in targets) else 0
     finally:
         if "django" in sys.modules:
             from django.db import connections
