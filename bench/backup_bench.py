@@ -346,6 +346,32 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
+def core_contention() -> dict:
+    """Whether this VM has two free cores right now: one CPU-bound, single-threaded job
+    (sha256sum of 256 MiB of zeros) alone, then two side by side. On two free cores the pair
+    takes as long as one; on one free core, twice as long. The pipelines need both cores,
+    pg_dump -Fc (gzip) one."""
+    with tempfile.NamedTemporaryFile(prefix="bv-cores-") as zeros:
+        zeros.truncate(1 << 28)  # sparse: reading it costs next to nothing
+
+        def timed(n: int) -> float:
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(["sha256sum", zeros.name], stdout=subprocess.DEVNULL)
+                     for _ in range(n)]
+            for proc in procs:
+                proc.wait()
+            return time.perf_counter() - t0
+
+        timed(1)  # the first read of the file fills the page cache
+        one, two = timed(1), timed(2)
+    return {"one_s": round(one, 3), "two_s": round(two, 3), "pair_vs_one": round(two / one, 2)}
+
+
+def describe_contention(c: dict) -> str:
+    return (f"two CPU-bound jobs side by side took {c['pair_vs_one']:.2f}x one alone "
+            f"({c['two_s']:.2f} s vs {c['one_s']:.2f} s; 1.0x = two free cores)")
+
+
 def summarize(samples: dict) -> dict:
     rows = {}
     for key, runs in samples.items():
@@ -530,8 +556,10 @@ bankvault backup benchmark
         variants = {k: fn for k, fn in variants.items() if k in wanted}
         bench.phases.install()
         header["loadavg_before"] = os.getloadavg()
+        header["contention_before"] = core_contention()
         print("  load average before the first timed run: {:.2f} {:.2f} {:.2f}".format(*header["loadavg_before"]),
               flush=True)
+        print(f"  cores now   {describe_contention(header['contention_before'])}", flush=True)
         samples: dict[str, list] = {k: [] for k in variants}
         label_width = max(len(VARIANTS[k]) for k in variants)
         repo_archives = scratch / "repository" / "archives"
@@ -550,6 +578,8 @@ bankvault backup benchmark
 
         bench.phases.uninstall()
         header["loadavg_after"] = os.getloadavg()
+        header["contention_after"] = core_contention()
+        print(f"  cores after {describe_contention(header['contention_after'])}", flush=True)
         rows = summarize(samples)
         print()
         print_table(rows)

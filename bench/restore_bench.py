@@ -28,7 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # as a script, sys.path[0] is bench/, not the project root
 
 # The data, the portal and the tool helpers are the backup benchmark's, so the benchmarks agree.
-from backup_bench import DBNAME, MB, load_pgbench, paired, sh, start_portal, tool_version  # noqa: E402
+from backup_bench import (  # noqa: E402
+    DBNAME,
+    MB,
+    core_contention,
+    describe_contention,
+    load_pgbench,
+    paired,
+    sh,
+    start_portal,
+    tool_version,
+)
 
 from backups.engine.cluster import LocalCluster  # noqa: E402  (needs the path above)
 
@@ -440,6 +450,7 @@ def main() -> int:
             "archive_bytes": archive.bytes, "archive_dump_bytes": dump_entry["bytes"],
             "archive_dump_uncompressed_bytes": dump_entry.get("uncompressed_bytes"),
             "raw_dump_bytes": sizes, "restore_jobs": __import__("django.conf").conf.settings.BANKVAULT_RESTORE_JOBS,
+            "contention_before": core_contention(),
         }
         uncompressed = dump_entry.get("uncompressed_bytes") or sizes["raw_z0.dump"]
         gz_mb, z0_mb = sizes["raw_gzip.dump"] / MB, sizes["raw_z0.dump"] / MB
@@ -448,6 +459,7 @@ def main() -> int:
 bankvault restore benchmark
   machine     {header['cores']} cores ({cpu}), Linux {header['kernel']}
   machine load {load_before}
+  cores now   {describe_contention(header['contention_before'])}
   target      PostgreSQL {pg_version}, fsync on, data checksums;
               pg_restore {header['pg_restore']}; zstd {header['zstd']}
   data        pgbench scale {args.scale}, {want:,} accounts with random filler; database {db_bytes / MB:.0f} MB
@@ -496,6 +508,8 @@ bankvault restore benchmark
             mark = {True: "PASS", False: "FAIL", None: "info"}[t["passed"]]
             print(f"  {mark}  {t['target']:<55} {t['measured']}")
 
+        header["contention_after"] = core_contention()
+        print(f"  cores after {describe_contention(header['contention_after'])}")
         total = time.perf_counter() - started
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         results = Path(__file__).resolve().parent / "results"
