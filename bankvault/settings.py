@@ -305,6 +305,10 @@ if BANKVAULT_ENV == "production" and not BANKVAULT_FIELD_KEYS:
     raise ImproperlyConfigured("BANKVAULT_FIELD_KEYS must be set in production")
 # Upper bound for one pg tool invocation (seconds); a hung pg_dump is killed after this.
 BANKVAULT_TOOL_TIMEOUT = env.int("BANKVAULT_TOOL_TIMEOUT", default=6 * 3600)
+# The CA bundle that verifies the target servers' TLS certificates (databases registered with
+# sslmode verify-ca or verify-full), for psycopg and every pg tool alike; empty: libpq's default,
+# ~/.postgresql/root.crt of the user bankvault runs as.
+BANKVAULT_SSLROOTCERT = env.str("BANKVAULT_SSLROOTCERT", default="")
 BANKVAULT_CONNECT_TIMEOUT = env.int("BANKVAULT_CONNECT_TIMEOUT", default=10)
 # How long a backup waits for a table lock (e.g. behind a migration) before it fails.
 BANKVAULT_LOCK_WAIT_TIMEOUT = env.int("BANKVAULT_LOCK_WAIT_TIMEOUT", default=600)

@@ -49,6 +49,10 @@ class DatabaseMissing(BackupError):
     pass
 
 
+class TlsRefused(BackupError):
+    """TLS to the server could not be set up as the database's sslmode demands."""
+
+
 class PermissionDenied(BackupError):
     pass
 
@@ -93,12 +97,25 @@ class ConnInfo:
     def where(self) -> str:
         return f"{self.host}:{self.port}/{self.dbname} as {self.user}"
 
+    @property
+    def sslrootcert(self) -> str:
+        """The CA bundle that verifies the server in the verify-ca / verify-full modes
+        (BANKVAULT_SSLROOTCERT), handed to psycopg and to every tool alike; "" leaves libpq's
+        default, ~/.postgresql/root.crt of the user bankvault runs as."""
+        if not self.sslmode.startswith("verify-"):
+            return ""
+        from django.conf import settings
+
+        return str(getattr(settings, "BANKVAULT_SSLROOTCERT", "") or "")
+
     def connect_kwargs(self, dbname: str | None = None) -> dict:
         kw = dict(host=self.host, port=self.port, dbname=dbname or self.dbname, user=self.user,
                   sslmode=self.sslmode, connect_timeout=self.connect_timeout,
                   application_name="bankvault")
         if self.password:
             kw["password"] = self.password
+        if self.sslrootcert:
+            kw["sslrootcert"] = self.sslrootcert
         return kw
 
     def connect(self, dbname: str | None = None, **kw):
@@ -123,6 +140,8 @@ class ConnInfo:
                 "PGCONNECT_TIMEOUT": str(self.connect_timeout), "PGAPPNAME": "bankvault",
                 "LC_MESSAGES": "C",
             })
+            if self.sslrootcert:
+                env["PGSSLROOTCERT"] = self.sslrootcert
             passfile = Path(tmpdir) / "pgpass"
             fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -140,7 +159,22 @@ def _pgpass_escape(value: str) -> str:
 
 
 # -- error mapping -------------------------------------------------------------------------
+_CA_BUNDLE = "the CA bundle (BANKVAULT_SSLROOTCERT; unset: ~/.postgresql/root.crt of the user bankvault runs as)"
 _PATTERNS: list[tuple[re.Pattern, type[BackupError], str]] = [
+    # TLS first: libpq words these as a failed connection, but nothing is wrong with the network.
+    (re.compile(r"root certificate file .* does not exist", re.I), TlsRefused,
+     "sslmode {sslmode} needs the CA certificate that signed the TLS certificate of {host}:{port}, and "
+     + _CA_BUNDLE + " is missing; nothing was read from the server"),
+    (re.compile(r"certificate verify failed|could not load root certificate|unable to get local issuer", re.I),
+     TlsRefused,
+     "the TLS certificate of {host}:{port} is not signed by a CA in " + _CA_BUNDLE + " ({reason}); "
+     "bankvault did not talk to a server it cannot verify"),
+    (re.compile(r"server certificate for .* does not match host name", re.I), TlsRefused,
+     "the TLS certificate of {host}:{port} names another host ({reason}); register the database with "
+     "a host name or address the certificate names (sslmode {sslmode} checks it)"),
+    (re.compile(r"server does not support SSL, but SSL was required", re.I), TlsRefused,
+     "the server at {host}:{port} does not offer TLS, but the database is registered with sslmode "
+     "{sslmode}; enable ssl on the server or change the database's sslmode"),
     (re.compile(r"password authentication failed|no password supplied|"
                 r"authentication failed for user|fe_sendauth", re.I),
      AuthenticationFailed,
@@ -173,7 +207,7 @@ def classify(stderr: str, conn: ConnInfo | None, tool: str, returncode: int | No
     reason = _first_error_line(text)
     fmt = {"host": conn.host if conn else "?", "port": conn.port if conn else "?",
            "user": conn.user if conn else "?", "dbname": conn.dbname if conn else "?",
-           "reason": reason}
+           "sslmode": conn.sslmode if conn else "?", "reason": reason}
     for pattern, cls, message in _PATTERNS:
         if pattern.search(text):
             return cls(message.format(**fmt), text)
