@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the stack and the tests need (the PostgreSQL server provides the pg tools).
-DEB_PACKAGES := postgresql postgresql-contrib redis-server gnupg zstd chromium poppler-utils acl
+DEB_PACKAGES := postgresql postgresql-contrib redis-server gnupg zstd chromium poppler-utils acl openssl
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
