@@ -25,7 +25,7 @@ from .models import (
     WalMode,
     WalTimeline,
 )
-from .probe import probe
+from .probe import describe_tls, probe
 
 
 class AuditedAdmin(admin.ModelAdmin):
@@ -160,7 +160,8 @@ class DatabaseAdmin(AuditedAdmin):
             else:
                 audit.record(request.user, "database.checked", db, details=info, request=request)
                 self.message_user(request, f"{db}: PostgreSQL {info['server_version']}, "
-                                  f"{info['size_pretty']}", messages.SUCCESS)
+                                  f"{info['size_pretty']}; {describe_tls(info['tls'])}",
+                                  messages.SUCCESS if info["tls"]["in_use"] else messages.WARNING)
 
     def has_run_backup_permission(self, request):
         return request.user.has_perm("backups.run_backup")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 from psycopg import sql
 
 from backups.engine import runner
@@ -114,3 +116,41 @@ def test_each_failed_tls_verification_stops_the_backup_at_its_first_connection_a
     assert expected in run.error and f"{host}:{port}" in run.error, run.error
     assert PASSWORD not in run.error and target_password not in run.error
     assert not Archive.objects.exists()
+
+
+@pytest.mark.pg
+@pytest.mark.django_db
+def test_databases_check_says_what_tls_the_connection_got(tls_cluster, target_cluster, target_password, settings):
+    cluster, certs = tls_cluster
+    settings.BANKVAULT_SSLROOTCERT = str(certs / "ca.crt")
+    _register("tls", "127.0.0.1", cluster.port, "tlsdb")
+    plain = Database(name="plain", host="127.0.0.1", port=target_cluster.port, dbname="postgres", user="postgres",
+                     sslmode="prefer")
+    plain.set_password(target_password)
+    plain.save()
+
+    def check(name: str) -> str:
+        out = StringIO()
+        call_command("databases", "check", name, stdout=out)
+        return out.getvalue()
+
+    encrypted = check("tls")
+    assert "tls: TLSv1." in encrypted and "sslmode verify-full" in encrypted and "names this host" in encrypted
+    clear = check("plain")
+    assert "tls: off (sslmode prefer)" in clear and "in clear" in clear
+
+
+@pytest.mark.pg
+@pytest.mark.django_db
+def test_the_admins_check_connection_shows_the_tls_and_audits_it(tls_cluster, settings, admin_client):
+    from audit.models import AuditEvent
+
+    cluster, certs = tls_cluster
+    settings.BANKVAULT_SSLROOTCERT = str(certs / "ca.crt")
+    db = _register("tls", "127.0.0.1", cluster.port, "tlsdb")
+    page = admin_client.post("/admin/backups/database/", {
+        "action": "check_connection", "_selected_action": [db.pk]}, follow=True).content.decode()
+    assert "tls: TLSv1." in page and "names this host" in page
+    event = AuditEvent.objects.get(action="database.checked", outcome="success")
+    assert event.details["tls"]["in_use"] is True and event.details["tls"]["sslmode"] == "verify-full"
+    assert PASSWORD not in str(event.details)

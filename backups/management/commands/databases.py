@@ -22,7 +22,7 @@ from backups.engine import gpg
 from backups.engine import wal as walmod
 from backups.engine.pgtools import BackupError
 from backups.models import Database, SSLMode, WalMode
-from backups.probe import probe
+from backups.probe import describe_tls, probe
 
 
 class Command(BaseCommand):
@@ -142,6 +142,7 @@ class Command(BaseCommand):
         audit.record(audit.cli_actor(), "database.checked", db, details=info)
         self.stdout.write(f"{db.name}: PostgreSQL {info['server_version']}, size {info['size_pretty']} "
                           f"({info['size_bytes']} bytes){' (standby)' if info['in_recovery'] else ''}")
+        self.stdout.write(f"{db.name}: {describe_tls(info['tls'])}")
         if not wal:
             return
         if db.wal_mode == WalMode.NONE:
