@@ -453,6 +453,13 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
             dump["role"] = "dump"
             dump["format"] = "custom"
             files.append(dump)
+            if check is not None:  # everything was fed: gpg's verdict now, before anything can fail
+                try:
+                    unreadable = stream_verdict(check)
+                except BaseException:
+                    for d in derived:
+                        d.abort()
+                    raise
             derived_entries = []
             if derived:
                 progress.item = "finishing the derived artifacts"
@@ -463,8 +470,6 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
                     for d in derived:
                         d.abort()
                     raise
-            if check is not None:
-                unreadable = stream_verdict(check)
             if count_error:
                 raise classify(str(count_error[0]), conn, "row count")
             if "error" in globals_result:

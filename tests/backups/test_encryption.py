@@ -259,6 +259,24 @@ def test_a_wrong_passphrase_at_backup_time_backs_up_and_says_why_the_content_was
     assert runner.verify(archive, "test") == (True, "")
 
 
+@pytest.mark.pg
+@pytest.mark.django_db
+def test_an_encrypted_backup_that_fails_after_its_dump_leaves_no_gpg_behind(worker_key, target_db, repo,
+                                                                          monkeypatch):
+    """The in-stream decryption and the derived artifacts' tools all end with the run, whatever
+    fails after the dump (here: a derived artifact)."""
+    from backups.engine import logical
+    from tests.backups.test_failures import _children
+
+    def broken(self):
+        raise logical.ToolFailed("pg_restore (plain artifact) failed: simulated")
+
+    monkeypatch.setattr(logical._Derived, "result", broken)
+    run, archive = backup(target_db, encrypted_policy(target_db, stored_key(worker_key, "worker"), plain_sql=True))
+    assert run.state == BackupRun.State.FAILED and "simulated" in run.error and archive is None
+    assert _children("gpg") == [] and _children("pg_restore") == []
+
+
 def test_decrypting_as_written_confirms_a_whole_stream_and_refuses_an_altered_or_cut_one(worker_key, tmp_path):
     """What a backup's in-stream check does with the bytes it is fed (real gpg, worker's key)."""
     plain = os.urandom(3 << 20)
