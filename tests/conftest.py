@@ -182,6 +182,21 @@ def table_counts(cluster: LocalCluster, dbname: str) -> dict[tuple[str, str], in
     return counts
 
 
+def manual_backup(db, policy=None, kind=None):
+    """A manual run executed in-process as a worker would: (the run, refreshed; its archive, or
+    None when the run failed)."""
+    from backups.engine import runner
+    from backups.models import BackupRun
+
+    run = BackupRun.enqueue(db, trigger=BackupRun.Trigger.MANUAL, actor_label="test", policy=policy, kind=kind)
+    try:
+        archive = runner.execute(run.pk)
+    except Exception:
+        archive = None
+    run.refresh_from_db()
+    return run, archive
+
+
 def archive_dir(archive) -> Path:
     from django.conf import settings
 

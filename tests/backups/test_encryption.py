@@ -26,6 +26,7 @@ from backups import walpush
 from backups.engine import gpg, pgbin, runner, wal
 from backups.models import Archive, BackupKind, BackupPolicy, BackupRun, EncryptionKey
 from tests.conftest import archive_dir, table_counts
+from tests.conftest import manual_backup as backup
 
 PASSPHRASE = "Gpg-Pass-" + "7f3a9c2e"  # distinctive: greppable in logs, argv and the trail
 
@@ -94,16 +95,6 @@ def encrypted_policy(db, *key_rows, kind=BackupKind.LOGICAL, **extra) -> BackupP
     policy = BackupPolicy.objects.create(database=db, schedule=schedule, kind=kind, name=f"enc-{kind}", **extra)
     policy.encrypt_to.set(key_rows)
     return policy
-
-
-def backup(db, policy=None, kind=None):
-    run = BackupRun.enqueue(db, trigger=BackupRun.Trigger.MANUAL, actor_label="test", policy=policy, kind=kind)
-    try:
-        archive = runner.execute(run.pk)
-    except Exception:
-        archive = None
-    run.refresh_from_db()
-    return run, archive
 
 
 def manifest_of(archive) -> dict:

@@ -15,9 +15,9 @@ import pytest
 from django.core.management import call_command
 from psycopg import sql
 
-from backups.engine import runner
 from backups.engine.cluster import LocalCluster, chown_tree
 from backups.models import Archive, BackupRun, Database
+from tests.conftest import archive_dir, manual_backup
 
 PASSWORD = "Tls-Target-" + "5b1e"
 
@@ -72,25 +72,13 @@ def _register(name: str, host: str, port: int, dbname: str, password: str = PASS
     return db
 
 
-def _backup(db: Database) -> tuple[BackupRun, Archive | None]:
-    run = BackupRun.enqueue(db, trigger=BackupRun.Trigger.MANUAL, actor_label="test")
-    try:
-        archive = runner.execute(run.pk)
-    except Exception:
-        archive = None
-    run.refresh_from_db()
-    return run, archive
-
-
 @pytest.mark.pg
 @pytest.mark.django_db
 def test_verify_full_backs_up_over_tls_with_the_ca_bundle_from_the_settings(tls_cluster, settings, repo):
     cluster, certs = tls_cluster
     settings.BANKVAULT_SSLROOTCERT = str(certs / "ca.crt")
-    run, archive = _backup(_register("tls", "127.0.0.1", cluster.port, "tlsdb"))
+    run, archive = manual_backup(_register("tls", "127.0.0.1", cluster.port, "tlsdb"))
     assert run.state == BackupRun.State.SUCCEEDED, run.error
-    from tests.conftest import archive_dir
-
     manifest = (archive_dir(archive) / "manifest.json").read_text()
     assert '"sslmode": "verify-full"' in manifest and '"rows": 500' in manifest
 
@@ -109,7 +97,7 @@ def test_each_failed_tls_verification_stops_the_backup_at_its_first_connection_a
         host = "localhost"  # resolves to this server, but the certificate names only 127.0.0.1
     elif case == "no TLS":
         port, dbname, password = target_cluster.port, "postgres", target_password
-    run, archive = _backup(_register("tls", host, port, dbname, password))
+    run, archive = manual_backup(_register("tls", host, port, dbname, password))
     assert run.state == BackupRun.State.FAILED and archive is None
     expected = {"other CA": "is not signed by a CA in the CA bundle", "no bundle": "is missing; nothing was read",
                 "another host": "names another host", "no TLS": "does not offer TLS"}[case]

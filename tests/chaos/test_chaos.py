@@ -429,6 +429,19 @@ def test_portal_database_restart_during_a_run(stack, make_target_db, target_clus
                         restart=restart)
 
 
+def _next_run_is_good_then_finish(scenario: str, db, failed, reason: str, target_cluster, live, started) -> None:
+    """After a run that failed on purpose: the next run of the same database succeeds, and the
+    two are tallied (one good, one failed for ``reason``) into the scenario's row."""
+    nxt = backup_services.start_backup(db, actor_label="chaos")
+    nxt = wait_for(lambda: ended(nxt.pk), 90, "the next run")
+    assert nxt.state == "succeeded", nxt.error
+    t = tally(list(BackupRun.objects.filter(database=db)), reason=reason)
+    finish(Row(scenario, expected=2, good=t["good"], failed_with_reason=t["failed_with_reason"],
+               lost=t["lost"], duplicates=t["duplicates"] + max(0, archive_dirs(db) - 1),
+               harmed=int(fingerprint(target_cluster, db.dbname) != live), seconds=time.monotonic() - started,
+               note=f"run {failed.pk}: {failed.error[:110]}"))
+
+
 # -- 7. the target cluster restarts during its backup -------------------------------------------
 def test_target_restart_during_backup_fails_clearly_and_the_next_run_is_good(stack, make_target_db, target_cluster,
                                                                               slow_link):
@@ -447,15 +460,7 @@ def test_target_restart_during_backup_fails_clearly_and_the_next_run_is_good(sta
     # The next run goes straight to the server: SlowLink's relay stops accepting once a connection
     # to a server that is down fails (tests/netutil.py), which is the test's link, not bankvault.
     type(db).objects.filter(pk=db.pk).update(port=target_cluster.port)
-    nxt = backup_services.start_backup(db, actor_label="chaos")
-    nxt = wait_for(lambda: ended(nxt.pk), 90, "the next run")
-    assert nxt.state == "succeeded", nxt.error
-    runs = list(BackupRun.objects.filter(database=db))
-    t = tally(runs, reason=reason)
-    finish(Row("target restart mid-backup", expected=2, good=t["good"], failed_with_reason=t["failed_with_reason"],
-               lost=t["lost"], duplicates=t["duplicates"] + max(0, archive_dirs(db) - 1),
-               harmed=int(fingerprint(target_cluster, db.dbname) != live), seconds=time.monotonic() - started,
-               note=f"run {run.pk}: {run.error[:110]}"))
+    _next_run_is_good_then_finish("target restart mid-backup", db, run, reason, target_cluster, live, started)
 
 
 # -- 8. the repository's disk fills up during a run -------------------------------------------------
@@ -492,14 +497,7 @@ def test_full_repository_disk_fails_the_run_and_the_next_one_is_good(small_disk,
     assert not staging_left(), "the failed run left partial files on the full disk"
     assert archive_dirs(db) == 0
     filler.unlink()  # the operator frees space
-    nxt = backup_services.start_backup(db, actor_label="chaos")
-    nxt = wait_for(lambda: ended(nxt.pk), 90, "the next run")
-    assert nxt.state == "succeeded", nxt.error
-    t = tally(list(BackupRun.objects.filter(database=db)), reason=reason)
-    finish(Row("repository disk full", expected=2, good=t["good"], failed_with_reason=t["failed_with_reason"],
-               lost=t["lost"], duplicates=t["duplicates"] + max(0, archive_dirs(db) - 1),
-               harmed=int(fingerprint(target_cluster, db.dbname) != live), seconds=time.monotonic() - started,
-               note=f"run {run.pk}: {run.error[:110]}"))
+    _next_run_is_good_then_finish("repository disk full", db, run, reason, target_cluster, live, started)
 
 
 # -- 9. beat down for missed slots ---------------------------------------------------------------
