@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import logging
 import os
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from .pgtools import BackupError, StderrCollector, kill, spawn, track
+from .pgtools import BackupError, StderrCollector, close_stdin, feed_stdin, kill, spawn, track
 from .repository import CHUNK
 
 log = logging.getLogger(__name__)
@@ -193,30 +194,29 @@ def keys_by_fingerprint(fingerprints: Iterable[str]) -> list:
     return [found[f] for f in wanted]
 
 
-# What a worker process has already learnt from key texts, by the sha256 of the text: what the
-# key says about itself (inspect) and that the texts import into a keyring. Both depend on the
-# text alone (an expiry is compared with the clock at every use, from the cached date), so a
-# repeated backup to the same keys skips four gpg runs; the test encryption runs every time.
-_INSPECTED: dict[str, KeyInfo] = {}
-_IMPORTED: set[str] = set()
-_CACHE_MAX = 256
+# What gpg says about a key text depends on the text alone (an expiry is compared with the clock
+# at every use, from the returned date), so a worker process remembers it; a repeated backup to
+# the same keys then skips the scans and the import below. Failures raise and are not remembered.
+inspect_cached = functools.lru_cache(maxsize=256)(inspect)
 
 
-def _text_digest(*texts: str) -> str:
-    import hashlib
+@functools.lru_cache(maxsize=256)
+def _check_importable(texts: tuple[str, ...], fingerprints: tuple[str, ...]) -> None:
+    """Raise RecipientKeyError unless the key texts import into a keyring of their own (catches
+    keys gpg reads but will not use)."""
+    import gnupg
 
-    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
-
-
-def inspect_cached(armored: str) -> KeyInfo:
-    digest = _text_digest(armored)
-    info = _INSPECTED.get(digest)
-    if info is None:
-        info = inspect(armored)
-        if len(_INSPECTED) >= _CACHE_MAX:
-            _INSPECTED.clear()
-        _INSPECTED[digest] = info
-    return info
+    home = tempfile.mkdtemp(prefix="bv-gpg-import-")
+    try:
+        result = gnupg.GPG(gpgbinary=binary(), gnupghome=home).import_keys("\n".join(texts))
+    finally:
+        _kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
+    imported = {r.get("fingerprint") for r in result.results if r.get("fingerprint")}
+    missing = [f for f in fingerprints if f not in imported]
+    if missing:
+        raise RecipientKeyError(f"recipient key(s) {', '.join(missing)} do not import into a keyring: "
+                                f"{result.stderr.strip()[-300:]}")
 
 
 class Recipients:
@@ -254,7 +254,6 @@ class Recipients:
             self.dir = None
 
     def _prepare(self) -> None:
-        import gnupg
 
         if not self.keys:
             raise RecipientKeyError("no recipient keys to encrypt to")
@@ -278,22 +277,8 @@ class Recipients:
             path = self.dir / f"{key.fingerprint}.asc"
             path.write_text(key.public_key)
             self.files.append(path)
-        # Importable into a keyring of its own (catches keys gpg reads but will not use) ...
-        texts = _text_digest(*(k.public_key for k in self.keys))
-        if texts not in _IMPORTED:
-            home = self.dir / "keyring"
-            home.mkdir(mode=0o700)
-            result = gnupg.GPG(gpgbinary=binary(), gnupghome=str(home)).import_keys(
-                "\n".join(k.public_key for k in self.keys))
-            imported = {r.get("fingerprint") for r in result.results if r.get("fingerprint")}
-            missing = [f for f in self.fingerprints if f not in imported]
-            _kill_agent(str(home))
-            if missing:
-                raise RecipientKeyError(f"recipient key(s) {', '.join(missing)} do not import into a keyring: "
-                                        f"{result.stderr.strip()[-300:]}")
-            if len(_IMPORTED) >= _CACHE_MAX:
-                _IMPORTED.clear()
-            _IMPORTED.add(texts)
+        # Importable into a keyring of its own ...
+        _check_importable(tuple(k.public_key for k in self.keys), tuple(self.fingerprints))
         # ... and a test encryption to all of them: gpg itself says whether it will use them.
         proc = subprocess.run(self.encrypt_argv(), input=b"", capture_output=True, env=_base_env(), timeout=60)
         if proc.returncode != 0:
@@ -488,19 +473,12 @@ class StreamCheck:
         wide_pipes(self.proc.stdin)
 
     def feed(self, chunk) -> None:
-        if self.proc.stdin.closed:
-            return
-        try:
-            self.proc.stdin.write(chunk)
-        except (BrokenPipeError, ValueError, OSError):  # gpg stopped early; its verdict says why
-            with contextlib.suppress(OSError, ValueError):
-                self.proc.stdin.close()
+        feed_stdin(self.proc, chunk)  # gpg may stop early (no key); its verdict says why
 
     def verdict(self, timeout: float = 600) -> None:
         """Return when gpg decrypted everything fed with a confirmed integrity check; raise the
         GpgError that says why not (MissingPrivateKey, WrongPassphrase, IntegrityError...)."""
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.close()
+        close_stdin(self.proc)
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -510,8 +488,7 @@ class StreamCheck:
         check_status(rc, self.status, self.err.text(), self.label, self.recipients)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.close()
+        close_stdin(self.proc)
         kill(self.proc)
 
 

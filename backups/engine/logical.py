@@ -39,7 +39,19 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import compress, gpg, manifest, pgbin
-from .pgtools import BackupError, ConnInfo, ToolFailed, ToolTimeout, classify, kill, moved, scrub, spawn
+from .pgtools import (
+    BackupError,
+    ConnInfo,
+    ToolFailed,
+    ToolTimeout,
+    classify,
+    close_stdin,
+    feed_stdin,
+    kill,
+    moved,
+    scrub,
+    spawn,
+)
 from .repository import CHUNK, HashingWriter, LocalRepository, RepositoryError, os_error, sha256_file
 
 log = logging.getLogger(__name__)
@@ -258,17 +270,10 @@ class _Derived:
             self.error = exc
 
     def feed(self, chunk) -> None:
-        if self.proc.stdin.closed:
-            return
-        try:
-            self.proc.stdin.write(chunk)
-        except (BrokenPipeError, ValueError, OSError):  # pg_restore stopped; its exit status says why
-            with contextlib.suppress(OSError, ValueError):
-                self.proc.stdin.close()
+        feed_stdin(self.proc, chunk)  # pg_restore may stop early; its exit status says why
 
     def close_input(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.close()
+        close_stdin(self.proc)
 
     def abort(self) -> None:
         self.close_input()

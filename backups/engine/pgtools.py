@@ -283,6 +283,22 @@ def kill_active() -> int:
     return n
 
 
+def feed_stdin(proc: subprocess.Popen, chunk) -> None:
+    """Write to a tool's stdin; a tool that stopped reading gets its stdin closed and no more
+    (its exit status says why, for the caller to check)."""
+    if proc.stdin.closed:
+        return
+    try:
+        proc.stdin.write(chunk)
+    except (BrokenPipeError, ValueError, OSError):
+        close_stdin(proc)
+
+
+def close_stdin(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        proc.stdin.close()
+
+
 def spawn(argv: list[str], env: dict, *, stdin=None, stdout=None,
           on_stderr_line=None) -> tuple[subprocess.Popen, StderrCollector]:
     """Start a tool with stderr collected on a thread. The caller owns stdout/stdin."""
