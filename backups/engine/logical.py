@@ -145,6 +145,9 @@ def count_rows(conn, tables: list[tuple[str, str]]) -> dict[tuple[str, str], int
 
     counts: dict[tuple[str, str], int] = {}
     with conn.cursor() as cur:
+        # One backend, no parallel workers: the count runs beside a dump that reads every table
+        # anyway and takes longer, so workers would only take cores from the dump.
+        cur.execute("SET max_parallel_workers_per_gather = 0")
         for start in range(0, len(tables), 200):
             batch = tables[start:start + 200]
             parts = [
