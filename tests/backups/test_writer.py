@@ -1,0 +1,48 @@
+"""The archive file writer: what it hashes is what it stores, and it starts writeback early."""
+
+import hashlib
+import os
+import sys
+
+import pytest
+
+from backups.engine import repository
+from backups.engine.repository import HashingWriter, sha256_file
+
+
+def test_what_is_hashed_is_what_is_stored(tmp_path):
+    data = os.urandom(3 * repository.WRITEBACK_EVERY + 12345)
+    path = tmp_path / "f.bin"
+    writer = HashingWriter(path)
+    for start in range(0, len(data), 1 << 20):
+        writer.write(data[start:start + (1 << 20)])
+    digest = writer.close()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert writer.bytes == len(data)
+    assert sha256_file(path) == (digest, len(data))
+    assert path.read_bytes() == data
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_is_started_every_few_mib_and_the_kernel_accepts_it(tmp_path, monkeypatch):
+    real = repository._SYNC_FILE_RANGE
+    assert real is not None, "sync_file_range not found in libc"
+    calls = []
+
+    def recording(fd, offset, nbytes, flags):
+        rc = real(fd, offset, nbytes, flags)
+        calls.append((offset, nbytes, rc, os.fstat(fd).st_size))
+        return rc
+
+    monkeypatch.setattr(repository, "_SYNC_FILE_RANGE", recording)
+    every = repository.WRITEBACK_EVERY
+    writer = HashingWriter(tmp_path / "f.bin")
+    chunk = os.urandom(1 << 20)
+    for _ in range(3 * every // len(chunk) + 2):
+        writer.write(chunk)
+    writer.close()
+    # Three hints, each for the range written since the last, all of it already in the file
+    # (the writer's buffer flushed first), and none refused by the kernel.
+    assert [(off, n) for off, n, _, _ in calls] == [(0, every), (every, every), (2 * every, every)]
+    assert all(rc == 0 for _, _, rc, _ in calls)
+    assert all(size >= off + n for off, n, _, size in calls)
