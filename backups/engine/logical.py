@@ -139,15 +139,15 @@ def server_info(cur) -> dict:
     return info
 
 
-def count_rows(conn, tables: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Exact row counts, in batches of one UNION ALL query each."""
+def count_rows(conn, tables: list[tuple[str, str]], parallel: bool = True) -> dict[tuple[str, str], int]:
+    """Exact row counts, in batches of one UNION ALL query each. ``parallel=False`` keeps the
+    count to one backend, for a count that runs beside other work and is not waited for."""
     from psycopg import sql
 
     counts: dict[tuple[str, str], int] = {}
     with conn.cursor() as cur:
-        # One backend, no parallel workers: the count runs beside a dump that reads every table
-        # anyway and takes longer, so workers would only take cores from the dump.
-        cur.execute("SET max_parallel_workers_per_gather = 0")
+        if not parallel:
+            cur.execute("SET max_parallel_workers_per_gather = 0")
         for start in range(0, len(tables), 200):
             batch = tables[start:start + 200]
             parts = [
@@ -388,7 +388,9 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
 
         def _count():
             try:
-                counted.update(count_rows(pg, tables))
+                # Beside a dump that reads every table and always takes longer, parallel
+                # workers would not end the count sooner, only take cores from the dump.
+                counted.update(count_rows(pg, tables, parallel=False))
             except BaseException as exc:  # reported after the dump
                 count_error.append(exc)
 

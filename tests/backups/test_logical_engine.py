@@ -65,6 +65,26 @@ def test_every_file_matches_the_sha256_in_the_manifest_and_catalog(target_db, re
     assert hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest() == archive.manifest_sha256
 
 
+def test_the_row_count_beside_the_dump_runs_without_parallel_workers(target_db, repo, monkeypatch):
+    """The count never outlasts the dump it runs beside: parallel workers would only take cores
+    from it. (A restore's count, which is waited for, keeps them.)"""
+    from backups.engine import logical
+
+    real, settings_seen = logical.count_rows, []
+
+    def count_and_look(conn, tables, **kwargs):
+        counts = real(conn, tables, **kwargs)
+        settings_seen.append(conn.execute("SHOW max_parallel_workers_per_gather").fetchone()[0])
+        return counts
+
+    monkeypatch.setattr(logical, "count_rows", count_and_look)
+    run, archive = backup(target_db)
+    assert run.state == BackupRun.State.SUCCEEDED, run.error
+    assert settings_seen == ["0"]
+    manifest = json.loads((archive_dir(archive) / "manifest.json").read_text())
+    assert all(t["rows"] is not None for t in manifest["tables"])
+
+
 def test_manifest_describes_source_tables_and_compression(target_db, target_cluster, repo):
     _, archive = backup(target_db)
 
