@@ -47,8 +47,8 @@ ENCRYPTED = ("g", "h", "i")
 # The engine's steps timed in the encrypted runs (see Phases): name -> (module, attribute).
 PHASES = {
     "preflight": "recipient keys checked (gpg.Recipients)",
-    "dump": "dump, globals, row counts (+ the dump decrypted as written)",
-    "verify": "verification: re-hash + pg_restore --list",
+    "dump": "dump, globals, row counts, files read back (+ the dump decrypted as written)",
+    "verify": "verification: pg_restore --list (the re-hash read back as written)",
     "rest": "claim, locks, rename into place, catalog rows, audit events",
 }
 
@@ -537,7 +537,7 @@ bankvault backup benchmark
               {header['compression_ratio_zstd3']:.2f}x smaller with zstd -3
   runs        {args.repeat} per variant, interleaved a,b,c,...; median wall time; MB = 10^6 bytes
   note        bankvault (c, d) includes sha256 while writing, fsync, the globals dump, exact row
-              counts, the manifest, verification (re-hash + pg_restore --list), catalog rows and
+              counts, the manifest, verification (re-hash read back + pg_restore --list), catalog rows and
               audit events; the raw pipelines do none of that, except that pg_dump -Fc -f fsyncs
               its file by default (a, and the custom-format dump in e).""", flush=True)
         if enc_info:

@@ -166,8 +166,9 @@ def stream_to_file(proc: subprocess.Popen, path: Path, opts: LogicalOptions,
                    progress: Progress | None = None, total: int = 0, tees: list | tuple = (),
                    check: gpg.StreamCheck | None = None) -> dict:
     """Read proc.stdout to EOF, compress, (encrypt,) hash and write to ``path``. Each of
-    ``tees`` (_Derived) is fed the same raw bytes; ``check``, the encrypted bytes as written."""
-    writer = HashingWriter(path)
+    ``tees`` (_Derived) is fed the same raw bytes; ``check``, the encrypted bytes as written.
+    The file is read back as it is written (ReadBack): what it holds must be what was hashed."""
+    writer = HashingWriter(path, read_back=True)
     encryptor = opts.recipients.encryptor(writer, check) if opts.recipients is not None else None
     comp = compress.compressor(opts.compression, encryptor or writer, opts.level, opts.threads)
     raw = 0
@@ -184,6 +185,8 @@ def stream_to_file(proc: subprocess.Popen, path: Path, opts: LogicalOptions,
         if encryptor is not None:
             encryptor.close()
         sha = writer.close()
+        entry = {"path": path.name, "bytes": writer.bytes, "sha256": sha, "uncompressed_bytes": raw}
+        compare(entry, *writer.read_back)
     except OSError as exc:
         if encryptor is not None:
             encryptor.abort()
@@ -196,7 +199,7 @@ def stream_to_file(proc: subprocess.Popen, path: Path, opts: LogicalOptions,
         writer.abort()
         kill(proc)
         raise
-    return {"path": path.name, "bytes": writer.bytes, "sha256": sha, "uncompressed_bytes": raw}
+    return entry
 
 
 class _Watchdog:
@@ -527,8 +530,9 @@ def produce(conn: ConnInfo, stage: Path, opts: LogicalOptions, *, source_name: s
     }
     progress.item = "verifying"
     progress(est_total, est_total, force=True)
-    # An encrypted dump was decrypted as it was written (or could not be, and why is known).
-    verify_written(stage, man, inst, decrypted_as_written=unreadable)
+    # Every file was read back as it was written (stream_to_file); an encrypted dump was also
+    # decrypted as it was written (or could not be, and why is known).
+    verify_written(stage, man, inst, decrypted_as_written=unreadable, read_back=True)
     man_sha = manifest.write(stage, man)
     return Produced(manifest=man, manifest_sha256=man_sha, files=files)
 
@@ -548,6 +552,15 @@ class VerificationFailed(BackupError):
     pass
 
 
+def compare(entry: dict, sha: str, size: int) -> None:
+    """A file's manifest entry against the sha256 and size found reading it back."""
+    if size != entry["bytes"] or sha != entry["sha256"]:
+        raise VerificationFailed(
+            f"{entry['path']} does not match its manifest entry (expected {entry['bytes']} bytes, "
+            f"sha256 {entry['sha256'][:12]}…; found {size} bytes, sha256 {sha[:12]}…): "
+            "the file is damaged")
+
+
 def verify_files(directory: Path, man: dict) -> None:
     """Re-read every file listed in the manifest and compare size and sha256."""
     for entry in man["files"]:
@@ -558,11 +571,7 @@ def verify_files(directory: Path, man: dict) -> None:
             raise VerificationFailed(f"{entry['path']} is missing from the archive") from None
         except OSError as exc:
             raise os_error(exc, path, f"reading {entry['path']} back") from None
-        if size != entry["bytes"] or sha != entry["sha256"]:
-            raise VerificationFailed(
-                f"{entry['path']} does not match its manifest entry (expected {entry['bytes']} bytes, "
-                f"sha256 {entry['sha256'][:12]}…; found {size} bytes, sha256 {sha[:12]}…): "
-                "the file is damaged")
+        compare(entry, sha, size)
 
 
 def open_entry(directory: Path, man: dict, entry: dict, label: str = ""):
@@ -611,12 +620,14 @@ def content_unverifiable(directory: Path, man: dict) -> str:
 
 
 def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None = None,
-                   decrypted_as_written: str | None = None) -> None:
-    """Both checks after writing, side by side: the re-hash is I/O and hashing in this
-    process, pg_restore --list another process, so together they take the time of one.
-    The re-hash reads back what was just fsynced (usually from the page cache): it proves
-    the write path stored exactly the bytes that were hashed, not that the medium keeps
-    them; `archives verify` and restore drills re-read later, from the disk.
+                   decrypted_as_written: str | None = None, read_back: bool = False) -> None:
+    """Both checks after writing: every file re-hashed as stored, and pg_restore --list on the
+    dump. The re-hash reads back what was written (usually from the page cache): it proves the
+    write path stored exactly the bytes that were hashed, not that the medium keeps them;
+    `archives verify` and restore drills re-read later, from the disk. A new backup's files
+    were read back while they were written (``read_back``: stream_to_file compared them), so
+    only the listing is left here. Otherwise the re-hash (I/O and hashing in this process) and
+    pg_restore --list (another process) run side by side and take the time of one.
 
     An encrypted dump is read through gpg to its end (its integrity check) when the workers
     hold a recipient's private key; when they do not — keys held only in escrow — the backup
@@ -632,7 +643,8 @@ def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None =
                                **({"limited": limited} if limited else {"how": how})}
     if limited:
         log.warning("archive in %s: %s", directory, limited)
-        verify_files(directory, man)
+        if not read_back:
+            verify_files(directory, man)
         return
     toc_error: list[BaseException] = []
 
@@ -648,12 +660,15 @@ def verify_written(directory: Path, man: dict, inst: pgbin.Installation | None =
         except BaseException as exc:
             toc_error.append(exc)
 
-    thread = threading.Thread(target=toc, name="verify-toc", daemon=True)
-    thread.start()
-    try:
-        verify_files(directory, man)
-    finally:
-        thread.join()
+    if read_back:
+        toc()
+    else:
+        thread = threading.Thread(target=toc, name="verify-toc", daemon=True)
+        thread.start()
+        try:
+            verify_files(directory, man)
+        finally:
+            thread.join()
     if toc_error:
         raise toc_error[0]
 

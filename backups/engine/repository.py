@@ -13,6 +13,7 @@ by the run's own cleanup or by the next sweep.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -20,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,25 +81,101 @@ SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_EVERY = 8 << 20
 
 
+class ReadBack(threading.Thread):
+    """Reads a file back through its own descriptor while it is being written, a little behind
+    the writer, and hashes what it finds there: verification's re-hash, done beside the write
+    instead of after it. Every byte is still read from the file after it was written; what the
+    reader finds beyond the writer's length, or short of it, shows as a size mismatch."""
+
+    def __init__(self, path: Path):
+        super().__init__(name=f"read-back-{path.name}", daemon=True)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._h = hashlib.sha256()
+        self._read = 0  # hashed so far
+        self._ready = 0  # written and flushed so far: safe to read up to here
+        self._length: int | None = None  # the writer's final length, once it closed the file
+        self._stopping = False
+        self._cond = threading.Condition()
+        self.error: OSError | None = None
+        self.result: tuple[str, int] | None = None
+        self.start()
+
+    def advance(self, written: int) -> None:
+        with self._cond:
+            self._ready = written
+            self._cond.notify()
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and self._length is None and self._read >= self._ready:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    limit = self._ready if self._length is None else self._length
+                    last = self._length is not None
+                while self._read < limit:
+                    data = os.pread(self._fd, min(CHUNK, limit - self._read), self._read)
+                    if not data:  # shorter than written: the size check below says so
+                        last = True
+                        break
+                    self._h.update(data)
+                    self._read += len(data)
+                if last:
+                    self.result = (self._h.hexdigest(), os.fstat(self._fd).st_size)
+                    return
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self._fd)
+
+    def finish(self, length: int) -> tuple[str, int]:
+        """(sha256 of the first ``length`` bytes read back, the file's size on disk)."""
+        with self._cond:
+            self._length = length
+            self._cond.notify()
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.join(timeout=30)
+
+
 class HashingWriter:
     """A file opened for writing that hashes every byte written and counts them.
 
     Every WRITEBACK_EVERY bytes it asks the kernel to start writing what came before to disk
     (sync_file_range, without waiting, as PostgreSQL's *_flush_after settings do), so that the
-    fsync in close() waits for the last few MiB instead of the whole file."""
+    fsync in close() waits for the last few MiB instead of the whole file.
 
-    def __init__(self, path: Path):
+    With ``read_back``, a ReadBack follows the writer: after close(), ``read_back`` holds the
+    sha256 and size of what the file holds, read back from it."""
+
+    def __init__(self, path: Path, read_back: bool = False):
         self.path = path
         self._f = open(path, "xb")  # noqa: SIM115 - closed in close()
         self._h = hashlib.sha256()
         self.bytes = 0
         self._written_back = 0
+        self._follower = ReadBack(path) if read_back else None
+        self._offered = 0
+        self.read_back: tuple[str, int] | None = None
 
     def write(self, data) -> int:
         self._h.update(data)
         self._f.write(data)
         self.bytes += len(data)
         moved(len(data))
+        if self._follower is not None and self.bytes - self._offered >= CHUNK:
+            self._f.flush()
+            self._follower.advance(self.bytes)
+            self._offered = self.bytes
         if _SYNC_FILE_RANGE is not None and self.bytes - self._written_back >= WRITEBACK_EVERY:
             self._f.flush()
             # A hint only: an error here shows again, and is raised, at the fsync in close().
@@ -110,16 +188,25 @@ class HashingWriter:
         self._f.flush()
 
     def close(self) -> str:
-        """fsync and close; returns the sha256 hex digest."""
+        """fsync and close (then read back the rest); returns the sha256 hex digest."""
         if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except BaseException:
+                self.abort()
+                raise
             self._f.close()
+            if self._follower is not None:
+                self.read_back = self._follower.finish(self.bytes)
         return self._h.hexdigest()
 
     def abort(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
         if not self._f.closed:
-            self._f.close()
+            with contextlib.suppress(OSError):  # the buffer may not flush (disk full): closing anyway
+                self._f.close()
 
     @property
     def sha256(self) -> str:

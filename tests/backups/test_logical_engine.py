@@ -85,6 +85,33 @@ def test_the_row_count_beside_the_dump_runs_without_parallel_workers(target_db, 
     assert all(t["rows"] is not None for t in manifest["tables"])
 
 
+def test_a_file_changed_while_it_was_written_fails_the_backup(target_db, repo, monkeypatch):
+    """The read-back follows the writer: a dump file that holds more (or other) bytes than were
+    hashed fails the run, and nothing that looks like an archive is left."""
+    from backups.engine.pgtools import BackupError
+    from backups.engine.repository import HashingWriter
+
+    real_close = HashingWriter.close
+
+    def close_after_someone_appended(self):
+        if self.path.name.startswith("dump.") and not self._f.closed:
+            self._f.flush()
+            with open(self.path, "ab") as other:
+                other.write(b"x")
+        return real_close(self)
+
+    monkeypatch.setattr(HashingWriter, "close", close_after_someone_appended)
+    run = BackupRun.enqueue(target_db, trigger=BackupRun.Trigger.MANUAL, actor_label="test")
+    with pytest.raises(BackupError):
+        runner.execute(run.pk)
+    run.refresh_from_db()
+    assert run.state == BackupRun.State.FAILED
+    assert "dump.pgdump.zst does not match its manifest entry" in run.error
+    assert "the file is damaged" in run.error
+    assert not Archive.objects.filter(database=target_db).exists()
+    assert list((repo.root / "tmp").iterdir()) == []
+
+
 def test_manifest_describes_source_tables_and_compression(target_db, target_cluster, repo):
     _, archive = backup(target_db)
 
