@@ -12,7 +12,7 @@ from django_celery_beat.models import CrontabSchedule
 from audit.models import AuditEvent
 from backups.engine import compress, pgbin, runner
 from backups.models import Archive, BackupPolicy, BackupRun
-from tests.conftest import archive_dir, table_counts
+from tests.conftest import archive_dir, manual_backup, table_counts
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db]
 
@@ -88,7 +88,6 @@ def test_the_row_count_beside_the_dump_runs_without_parallel_workers(target_db, 
 def test_a_file_changed_while_it_was_written_fails_the_backup(target_db, repo, monkeypatch):
     """The read-back follows the writer: a dump file that holds more (or other) bytes than were
     hashed fails the run, and nothing that looks like an archive is left."""
-    from backups.engine.pgtools import BackupError
     from backups.engine.repository import HashingWriter
 
     real_close = HashingWriter.close
@@ -101,11 +100,8 @@ def test_a_file_changed_while_it_was_written_fails_the_backup(target_db, repo, m
         return real_close(self)
 
     monkeypatch.setattr(HashingWriter, "close", close_after_someone_appended)
-    run = BackupRun.enqueue(target_db, trigger=BackupRun.Trigger.MANUAL, actor_label="test")
-    with pytest.raises(BackupError):
-        runner.execute(run.pk)
-    run.refresh_from_db()
-    assert run.state == BackupRun.State.FAILED
+    run, archive = manual_backup(target_db)
+    assert run.state == BackupRun.State.FAILED and archive is None
     assert "dump.pgdump.zst does not match its manifest entry" in run.error
     assert "the file is damaged" in run.error
     assert not Archive.objects.filter(database=target_db).exists()
